@@ -1,0 +1,96 @@
+"""Public ops: merge base and value logits, score, and sample.
+
+Each op validates its inputs once here, then runs on the backend chosen by ``ivl.ops.backend``
+(native kernels when built, the pure-PyTorch reference otherwise). The reference in
+``ivl.ops.reference`` is the specification; see its module docstring for the exact formulas,
+the random-number contract and the behaviour on NaN / -inf rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import backend, reference
+from ._params import alpha_rows, check_merge_inputs
+from .reference import INVALID_TOKEN
+
+__all__ = ["INVALID_TOKEN", "merge_logits", "merge_sample", "merged_log_softmax"]
+
+
+def _native_merge_logits(
+    base: torch.Tensor,
+    value: torch.Tensor | None,
+    *,
+    alpha: float | torch.Tensor = 1.0,
+    vocab_map: Any = None,
+    fill: float = 0.0,
+    vocab_limit: int | None = None,
+) -> torch.Tensor:
+    from . import _native
+
+    vmap, vocab_limit = check_merge_inputs(base, value, vocab_map, vocab_limit)
+    index, weight = vmap if vmap is not None else (None, None)
+    a = alpha_rows(alpha, base.shape[0], base.device)
+    return _native.merge_logits(base, value, a, index, weight, float(fill), vocab_limit)
+
+
+for _name in ("merge_logits", "merge_sample"):
+    backend.register(_name, "torch", getattr(reference, _name))
+backend.register("merge_logits", "cpu", _native_merge_logits)
+backend.register("merge_logits", "cuda", _native_merge_logits)
+
+
+def merge_logits(
+    base: torch.Tensor,  # [B, V_base]
+    value: torch.Tensor | None = None,  # [B, V_value]
+    *,
+    alpha: float | torch.Tensor = 1.0,
+    vocab_map: Any = None,
+    fill: float = 0.0,
+    vocab_limit: int | None = None,
+) -> torch.Tensor:
+    """Merged logits z_base + alpha * w * z_value[map] in fp32, [B, V_base].
+
+    See ``ivl.ops.reference.merge_logits`` for the parameters and exact semantics.
+
+    Examples
+    --------
+    >>> import torch, ivl
+    >>> ivl.merge_logits(torch.zeros(1, 3), torch.tensor([[1.0, 2.0, 3.0]]), alpha=0.5)
+    tensor([[0.5000, 1.0000, 1.5000]])
+    """
+    impl = backend.implementation("merge_logits", base.device)
+    return impl(
+        base, value, alpha=alpha, vocab_map=vocab_map, fill=fill, vocab_limit=vocab_limit
+    )
+
+
+def merged_log_softmax(
+    base: torch.Tensor,  # [B, V_base]
+    value: torch.Tensor | None = None,  # [B, V_value]
+    **merge_kwargs: Any,
+) -> torch.Tensor:
+    """log softmax of the merged logits, fp32 [B, V_base]; takes ``merge_logits``'s keywords."""
+    return torch.log_softmax(merge_logits(base, value, **merge_kwargs), dim=-1)
+
+
+def merge_sample(
+    base: torch.Tensor,  # [B, V_base]
+    value: torch.Tensor | None = None,  # [B, V_value]
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge, filter (temperature, top-k, top-p, min-p) and sample one token per row.
+
+    Returns (tokens int64 [B], logprobs fp32 [B]). See ``ivl.ops.reference.merge_sample`` for
+    the parameters, the random-number contract and invalid-row behaviour.
+
+    Examples
+    --------
+    >>> import torch, ivl
+    >>> tokens, logprobs = ivl.merge_sample(torch.tensor([[0.0, 5.0, 1.0]]), temperature=0.0)
+    >>> tokens
+    tensor([1])
+    """
+    return backend.implementation("merge_sample", base.device)(base, value, **kwargs)
