@@ -1,0 +1,79 @@
+"""Shared benchmark plumbing: timing, the machine's read bandwidth, CSV rows with provenance.
+
+Benchmarks compare providers side by side in one run and report ratios; absolute times on these
+shared machines are noisy, so every number is a median of repeated runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def p50(fn: Callable[[], object], *, reps: int = 20, warmup: int = 3, min_time: float = 0.2) -> float:
+    """Median seconds per call over at least ``reps`` calls (more for very fast calls)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * reps:
+            break
+    return statistics.median(times)
+
+
+def read_bandwidth(nbytes: int = 256 << 20) -> float:
+    """This machine's measured read bandwidth in GB/s (torch .sum over a large fp32 buffer)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    return nbytes / p50(x.sum, reps=10) / 1e9
+
+
+def provenance() -> dict[str, str]:
+    """Machine, versions and date stamped on every CSV row."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": f"{cpu} x{os.cpu_count()} threads={torch.get_num_threads()}",
+        "torch": torch.__version__,
+        "commit": commit,
+    }
+
+
+def append_csv(name: str, rows: list[dict[str, object]]) -> Path:
+    """Append rows (with provenance) to benchmarks/results/<name>.csv, writing a header once."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.csv"
+    stamp = provenance()
+    rows = [{**row, **stamp} for row in rows]
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    return path
