@@ -21,7 +21,9 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def p50(fn: Callable[[], object], *, reps: int = 20, warmup: int = 3, min_time: float = 0.2) -> float:
+def p50(
+    fn: Callable[[], object], *, reps: int = 20, warmup: int = 3, min_time: float = 0.2
+) -> float:
     """Median seconds per call over at least ``reps`` calls (more for very fast calls)."""
     for _ in range(warmup):
         fn()

@@ -46,14 +46,20 @@ def main() -> None:
                 nbytes = 2 * base.numel() * base.element_size() + 4 * base.numel()
                 ref_t = None
                 for name, fn in providers.items():
-                    t = p50(lambda fn=fn: fn(base, value, **kw))
+                    t = p50(lambda fn=fn, base=base, value=value, kw=kw: fn(base, value, **kw))
                     ref_t = ref_t or t
                     row = dict(
-                        op="merge_logits", provider=name, B=b, V=v, dtype=str(dtype)[6:],
-                        remap=mapped, p50_ms=round(t * 1e3, 4),
+                        op="merge_logits",
+                        provider=name,
+                        B=b,
+                        V=v,
+                        dtype=str(dtype)[6:],
+                        remap=mapped,
+                        p50_ms=round(t * 1e3, 4),
                         gbps=round(nbytes / t / 1e9, 2),
                         frac_read_bw=round(nbytes / t / 1e9 / bw, 3),
-                        speedup_vs_reference=round(ref_t / t, 2), read_bw_gbps=round(bw, 1),
+                        speedup_vs_reference=round(ref_t / t, 2),
+                        read_bw_gbps=round(bw, 1),
                     )
                     rows.append(row)
                     print(

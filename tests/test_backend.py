@@ -60,7 +60,7 @@ def test_missing_extension_falls_back_to_reference_but_forcing_raises(fresh_choi
     fresh_choice.setattr(backend, "unavailable", lambda: {"cpu": "ivl._C is not built"})
     assert backend.choose("merge_logits", torch.device("cpu")) == "torch"
     fresh_choice.setenv("IVL_BACKEND", "cpu")
-    with pytest.raises(RuntimeError, match="ivl._C is not built"):
+    with pytest.raises(RuntimeError, match=r"ivl\._C is not built"):
         backend.choose("merge_logits", torch.device("cpu"))
 
 
@@ -68,14 +68,22 @@ def test_public_ops_match_reference_on_the_chosen_backend(fresh_choice):
     torch.manual_seed(0)
     base, value = torch.randn(4, 300, dtype=torch.bfloat16), torch.randn(4, 200)
     index = torch.randint(-1, 200, (300,))
-    kw = dict(alpha=torch.tensor([1.0, 0.0, 0.5, 2.0]), vocab_map=(index, torch.rand(300)),
-              fill=-1.0, vocab_limit=290)
-    assert torch.equal(ivl.merge_logits(base, value, **kw), reference.merge_logits(base, value, **kw))
+    kw = dict(
+        alpha=torch.tensor([1.0, 0.0, 0.5, 2.0]),
+        vocab_map=(index, torch.rand(300)),
+        fill=-1.0,
+        vocab_limit=290,
+    )
+    assert torch.equal(
+        ivl.merge_logits(base, value, **kw), reference.merge_logits(base, value, **kw)
+    )
     torch.testing.assert_close(
         ivl.merged_log_softmax(base, value, **kw), reference.merged_log_softmax(base, value, **kw)
     )
     tokens, lp = ivl.merge_sample(base, value, temperature=0.7, top_p=0.9, seed=3, **kw)
-    ref_tokens, ref_lp = reference.merge_sample(base, value, temperature=0.7, top_p=0.9, seed=3, **kw)
+    ref_tokens, ref_lp = reference.merge_sample(
+        base, value, temperature=0.7, top_p=0.9, seed=3, **kw
+    )
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(lp, ref_lp)
 

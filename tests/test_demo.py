@@ -22,7 +22,9 @@ def test_greedy_loop_matches_hf_generate(tiny):
     g = generate(model, tok, "Hello there, how are you?", max_new_tokens=12, stream=stream)
     ids = tok.apply_chat_template(
         [{"role": "user", "content": "Hello there, how are you?"}],
-        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )["input_ids"]
     ref = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=[])
     ref_text = tok.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)

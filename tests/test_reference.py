@@ -112,7 +112,9 @@ def test_merge_with_map_weights_fill_and_limit():
     value = torch.tensor([[1.0, 2.0, 3.0]])
     index = torch.tensor([2, 0, -1, 1, 0])
     weight = torch.tensor([1.0, 0.5, 0.7, 0.0, 1.0])
-    out = R.merge_logits(base, value, alpha=2.0, vocab_map=(index, weight), fill=-1.5, vocab_limit=4)
+    out = R.merge_logits(
+        base, value, alpha=2.0, vocab_map=(index, weight), fill=-1.5, vocab_limit=4
+    )
     # b0: 10 + 2*1*3; b1: 20 + 2*0.5*1; b2 unmapped: 30 + 2*(-1.5); b3 weight 0: 40; b4 masked
     assert torch.equal(out, torch.tensor([[16.0, 21.0, 27.0, 40.0, -INF]]))
 
@@ -211,8 +213,11 @@ def test_sample_is_gumbel_argmax_of_the_stream():
 
 def test_rows_do_not_depend_on_batch_neighbours():
     z = torch.randn(6, 50)
-    kw = dict(temperature=torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 0.7]), top_k=torch.tensor(
-        [0, 5, 0, 3, 0, 10]), top_p=torch.tensor([1.0, 0.9, 1.0, 0.5, 0.8, 1.0]))
+    kw = dict(
+        temperature=torch.tensor([1.0, 0.5, 0.0, 2.0, 1.0, 0.7]),
+        top_k=torch.tensor([0, 5, 0, 3, 0, 10]),
+        top_p=torch.tensor([1.0, 0.9, 1.0, 0.5, 0.8, 1.0]),
+    )
     seeds, steps = torch.arange(6) * 1000, torch.arange(6)
     batch, _ = R.merge_sample(z, seed=seeds, step=steps, **kw)
     for i in range(6):
@@ -288,7 +293,9 @@ def expected_distribution(z: torch.Tensor, temperature=1.0, top_k=0, top_p=1.0, 
     return torch.softmax(torch.where(mask, scaled, -INF).double(), -1)[0], mask[0]
 
 
-@pytest.mark.parametrize("kw", FREQ_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize(
+    "kw", FREQ_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items())
+)
 def test_sampling_frequencies_match_distribution(kw):
     torch.manual_seed(0)
     z = torch.randn(1, 40) * 2
@@ -302,7 +309,9 @@ def test_sampling_frequencies_match_distribution(kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", FREQ_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize(
+    "kw", FREQ_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items())
+)
 def test_sampling_frequencies_million_draws(kw):
     torch.manual_seed(1)
     z = torch.randn(1, 100) * 3
@@ -355,8 +364,12 @@ def test_bad_shapes_and_maps():
     with pytest.raises(ValueError, match=r"index values must lie in \[-1, 2\]"):
         R.merge_logits(torch.randn(1, 2), torch.randn(1, 3), vocab_map=(torch.tensor([0, 3]), None))
     with pytest.raises(ValueError, match="covers 3 base tokens"):
-        R.merge_logits(torch.randn(1, 2), torch.randn(1, 3), vocab_map=(torch.tensor([0, 1, 2]), None))
+        R.merge_logits(
+            torch.randn(1, 2), torch.randn(1, 3), vocab_map=(torch.tensor([0, 1, 2]), None)
+        )
     with pytest.raises(TypeError, match="index must be int64"):
-        R.merge_logits(torch.randn(1, 2), torch.randn(1, 3), vocab_map=(torch.tensor([0, 1.0]), None))
+        R.merge_logits(
+            torch.randn(1, 2), torch.randn(1, 3), vocab_map=(torch.tensor([0, 1.0]), None)
+        )
     with pytest.raises(ValueError, match="vocab_limit"):
         R.merge_logits(torch.randn(1, 2), vocab_limit=3)

@@ -62,9 +62,7 @@ def merge_logits(
     tensor([[0.5000, 1.0000, 1.5000]])
     """
     impl = backend.implementation("merge_logits", base.device)
-    return impl(
-        base, value, alpha=alpha, vocab_map=vocab_map, fill=fill, vocab_limit=vocab_limit
-    )
+    return impl(base, value, alpha=alpha, vocab_map=vocab_map, fill=fill, vocab_limit=vocab_limit)
 
 
 def merged_log_softmax(

@@ -173,16 +173,22 @@ def sampling_rows(
         )
         _check((p["top_k"] >= 0).all(), f"top_k must be >= 0 (0 = off), got {p['top_k'].tolist()}")
         tp = p["top_p"]
-        _check(((tp > 0) & (tp <= 1)).all(), f"top_p must be in (0, 1] (1 = off), got {tp.tolist()}")
+        _check(
+            ((tp > 0) & (tp <= 1)).all(), f"top_p must be in (0, 1] (1 = off), got {tp.tolist()}"
+        )
         mp = p["min_p"]
-        _check(((mp >= 0) & (mp <= 1)).all(), f"min_p must be in [0, 1] (0 = off), got {mp.tolist()}")
+        _check(
+            ((mp >= 0) & (mp <= 1)).all(), f"min_p must be in [0, 1] (0 = off), got {mp.tolist()}"
+        )
     return p
 
 
 def alpha_rows(alpha: float | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
     """Per-row value strength as fp32 [n]; must be finite."""
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and not math.isfinite(alpha):
-        raise ValueError(f"alpha must be finite, got {alpha}")
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        if not math.isfinite(alpha):
+            raise ValueError(f"alpha must be finite, got {alpha}")
+        return torch.full((n,), alpha, dtype=torch.float32, device=device)
     a = rows(alpha, n, torch.float32, device, "alpha")
     if device.type == "cpu" and not torch.isfinite(a).all():
         raise ValueError(f"alpha must be finite, got {a.tolist()}")

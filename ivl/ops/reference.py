@@ -161,7 +161,7 @@ def merge_logits(
         else:
             index, weight = vmap
             mapped = index >= 0
-            val = val[:, index.clamp(min=0)]  # [B, V_base]
+            val = val.index_select(1, index.clamp(min=0))  # [B, V_base]
             scale = torch.where(mapped, a * weight[None, :], torch.zeros_like(a))
             term = a * torch.tensor(fill, dtype=torch.float32, device=base.device)  # [B, 1]
             out = torch.where(~mapped & (term != 0), out + term, out)
@@ -258,7 +258,9 @@ def merge_sample(
     >>> merge_sample(base, temperature=0.0)[0]
     tensor([1])
     """
-    z = merge_logits(base, value, alpha=alpha, vocab_map=vocab_map, fill=fill, vocab_limit=vocab_limit)
+    z = merge_logits(
+        base, value, alpha=alpha, vocab_map=vocab_map, fill=fill, vocab_limit=vocab_limit
+    )
     n, v = z.shape
     p = sampling_rows(
         n,
