@@ -3,12 +3,45 @@
 Train a small value network against a frozen base model, then add its logits to any other base
 model at inference (bigger, continually pre-trained, or of another family through a vocabulary
 map).
+
+Public names are imported lazily so that ``import ivl`` (and the ``ivl`` command's ``--help``)
+does not pay for torch until an op is used.
 """
 
 from __future__ import annotations
 
-from ivl.ops import INVALID_TOKEN, merge_logits, merge_sample, merged_log_softmax
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["INVALID_TOKEN", "__version__", "merge_logits", "merge_sample", "merged_log_softmax"]
+# public name -> module that defines it
+_LAZY = {
+    "INVALID_TOKEN": "ivl.ops",
+    "merge_logits": "ivl.ops",
+    "merge_sample": "ivl.ops",
+    "merged_log_softmax": "ivl.ops",
+    "zoo": "ivl.models.zoo",
+}
+
+__all__ = [
+    "INVALID_TOKEN",
+    "__version__",
+    "merge_logits",
+    "merge_sample",
+    "merged_log_softmax",
+    "zoo",
+]
+
+if TYPE_CHECKING:
+    from ivl.models import zoo
+    from ivl.ops import INVALID_TOKEN, merge_logits, merge_sample, merged_log_softmax
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'ivl' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if name == "zoo" else getattr(module, name)
+    globals()[name] = value
+    return value

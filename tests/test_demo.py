@@ -42,3 +42,22 @@ def test_sampling_is_reproducible_per_seed(tiny):
     assert a.text == b.text
     assert a.text != c.text
     assert torch.isfinite(torch.tensor(a.mean_logprob))
+
+
+def test_demo_command_is_registered(capsys):
+    from ivl.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    assert "--max-new-tokens" in capsys.readouterr().out
+
+
+@pytest.mark.zoo
+def test_demo_answers_with_a_real_model(capsys):
+    from ivl.cli import main
+
+    assert main(["demo", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out  # SmolLM2-135M-Instruct, greedy
+    assert out.count("tok/s") == 4
