@@ -76,14 +76,14 @@ def _choose(op: str, device: str, forced: str | None) -> str:
                 f"IVL_BACKEND={forced} cannot run {op} on {device}: {reason}. "
                 "Unset IVL_BACKEND to choose automatically."
             )
-        log.info("ivl: %s on %s uses backend %r (forced by IVL_BACKEND)", op, device, forced)
+        log.info("%s on %s uses backend %r (forced by IVL_BACKEND)", op, device, forced)
         return forced
     rejected = []
     for name in _PREFERENCE.get(device, ("torch",)):
         reason = _reject_reason(op, name, device)
         if reason is None:
             extra = f" (passed over: {'; '.join(rejected)})" if rejected else ""
-            log.info("ivl: %s on %s uses backend %r%s", op, device, name, extra)
+            log.info("%s on %s uses backend %r%s", op, device, name, extra)
             return name
         rejected.append(f"{name}: {reason}")
     raise RuntimeError(f"no backend can run {op} on {device}: {'; '.join(rejected)}")

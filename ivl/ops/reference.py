@@ -276,12 +276,17 @@ def merge_sample(
     z = torch.where(bad[:, None], torch.zeros_like(z), z)  # keep the math below NaN-free
 
     greedy = p["temperature"] == 0
-    temp = torch.where(greedy, torch.ones_like(p["temperature"]), p["temperature"])
-    scaled = z / temp[:, None]
-    keep = keep_mask(scaled, p["top_k"], p["top_p"], p["min_p"])
-    noisy = scaled + gumbel_noise(p["seed"], p["step"], v)
-    sampled = torch.where(keep, noisy, -torch.inf).argmax(dim=-1)
-    tokens = torch.where(greedy, z.argmax(dim=-1), sampled)
+    tokens = z.argmax(dim=-1)
+    if not greedy.all():  # (shortcut only: greedy rows ignore noise and filters)
+        temp = torch.where(greedy, torch.ones_like(p["temperature"]), p["temperature"])
+        scaled = z / temp[:, None]
+        noisy = scaled + gumbel_noise(p["seed"], p["step"], v)
+        filtered = (p["top_k"] > 0) | (p["top_p"] < 1) | (p["min_p"] > 0)
+        if filtered.any():  # (shortcut only: keep_mask keeps everything when no filter is on)
+            noisy = torch.where(
+                keep_mask(scaled, p["top_k"], p["top_p"], p["min_p"]), noisy, -torch.inf
+            )
+        tokens = torch.where(greedy, tokens, noisy.argmax(dim=-1))
 
     logprobs = torch.log_softmax(z, dim=-1).gather(1, tokens[:, None])[:, 0]
     tokens = torch.where(bad, INVALID_TOKEN, tokens)
