@@ -18,6 +18,10 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "INVALID_TOKEN": "ivl.ops",
+    "IVLEngine": "ivl.engine",
+    "IVLLogitsProcessor": "ivl.engine.hf",
+    "IVLModel": "ivl.engine",
+    "SamplingParams": "ivl.engine",
     "merge_logits": "ivl.ops",
     "merge_sample": "ivl.ops",
     "merged_log_softmax": "ivl.ops",
@@ -26,6 +30,10 @@ _LAZY = {
 
 __all__ = [
     "INVALID_TOKEN",
+    "IVLEngine",
+    "IVLLogitsProcessor",
+    "IVLModel",
+    "SamplingParams",
     "__version__",
     "merge_logits",
     "merge_sample",
@@ -34,6 +42,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ivl.engine import IVLEngine, IVLModel, SamplingParams
+    from ivl.engine.hf import IVLLogitsProcessor
     from ivl.models import zoo
     from ivl.ops import INVALID_TOKEN, merge_logits, merge_sample, merged_log_softmax
 

@@ -121,6 +121,17 @@ def _register_models(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# ivl generate (defined with the engine)
+
+
+@command
+def _register_generate(sub: argparse._SubParsersAction) -> None:
+    from ivl.engine.cli import register
+
+    register(sub)
+
+
+# --------------------------------------------------------------------------------------------
 # ivl demo
 
 

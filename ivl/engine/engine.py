@@ -1,0 +1,378 @@
+"""``IVLEngine``: continuous-batching generation with a base and a value model.
+
+Per step (DESIGN.md "Data flow at inference"):
+
+1. admit queued requests into free slots: each is prefilled *alone* (all prompt tokens but the
+   last) into its slot of every model's cache; the last prompt token becomes the slot's pending
+   input, so a fresh request joins the very next batched decode step;
+2. one batched decode forward per model over slots 0..n-1 (the value forward is skipped when
+   every active request has alpha = 0; proxy-tuning runs expert and anti-expert);
+3. ONE ``ivl.merge_sample`` call with per-row alpha / temperature / top-k / top-p / min-p and
+   per-row (seed, step), step = number of tokens the request has generated, so a request's
+   tokens do not depend on its batch neighbours or arrival time;
+4. stop checks (stop token ids, stop strings across token boundaries, max_new_tokens, full
+   cache), streaming text deltas; finished requests free their slot at once (the last slot's
+   request moves into the hole) and are refilled from the queue on the next step.
+
+A request that fails (prompt too long, empty, NaN logits) gets a ``Result`` with
+``finish_reason="error"``; the others continue.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ivl.engine.cache import PairedKVCache
+from ivl.engine.model import IVLModel
+from ivl.engine.params import Result, SamplingParams, StreamEvent, derive_seed
+
+logger = logging.getLogger("ivl")
+
+_CTX_TOKENS = 4  # prompt tokens decoded in front of the output, so leading spaces render right
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: object
+    params: SamplingParams
+    seed: int
+    ids: list[int] = field(default_factory=list)
+    stop_ids: frozenset = frozenset()
+    pending: int = -1
+    ctx: list[int] = field(default_factory=list)
+    ctx_text: str = ""
+    text: str = ""
+    emitted: int = 0
+    result: Result | None = None
+
+
+class _Text:
+    """Incremental detokenisation with stop strings (which may span tokens)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def start(self, req: _Request) -> None:
+        req.ctx = req.ids[-_CTX_TOKENS:]
+        req.ctx_text = self.tok.decode(req.ctx, skip_special_tokens=True)
+
+    def update(self, req: _Request) -> tuple[str, bool]:
+        """Recompute the text; return (delta safe to emit, hit a stop string)."""
+        tokens = req.result.token_ids
+        full = self.tok.decode(req.ctx + tokens, skip_special_tokens=True)
+        if full.startswith(req.ctx_text):
+            text = full[len(req.ctx_text) :]
+        else:
+            text = self.tok.decode(tokens, skip_special_tokens=True)
+        hit = False
+        for s in req.params.stop:
+            i = text.find(s)
+            if i >= 0:
+                text, hit = text[:i], True
+        req.text = text
+        if hit:
+            return "", True
+        safe = text.rstrip("\ufffd")  # an incomplete UTF-8 sequence: wait for its next bytes
+        hold = 0
+        for s in req.params.stop:  # a suffix that could start a stop string: hold it back
+            for k in range(min(len(s) - 1, len(safe)), hold, -1):
+                if safe.endswith(s[:k]):
+                    hold = k
+                    break
+        end = len(safe) - hold
+        if end <= req.emitted:
+            return "", False
+        delta = safe[req.emitted : end]
+        req.emitted = end
+        return delta, False
+
+    def finish(self, req: _Request) -> str:
+        delta = req.text[req.emitted :] if len(req.text) > req.emitted else ""
+        req.emitted = len(req.text)
+        return delta
+
+
+class IVLEngine:
+    """Batched, KV-cached generation for an :class:`IVLModel`.
+
+    Parameters
+    ----------
+    model : IVLModel
+    max_batch : int
+        Concurrent requests (cache slots).
+    max_len : int, optional
+        Positions per slot (prompt + generated tokens); default: the smaller of the models'
+        ``max_position_embeddings`` and 2048. Caches are allocated once, on first use, for
+        (max_batch, max_len) per model.
+    seed : int
+        Base for the seeds of requests whose ``SamplingParams.seed`` is None (derived from the
+        request's index in the call).
+
+    Examples
+    --------
+    >>> engine = IVLEngine(IVLModel.from_pretrained(base, value), max_batch=8)  # doctest: +SKIP
+    >>> engine.generate_many(["Hi!"], SamplingParams(temperature=0))[0].text  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, model: IVLModel, *, max_batch: int = 8, max_len: int | None = None, seed: int = 0
+    ):
+        self.model = model
+        models = {"base": model.base}
+        if model.value is not None:
+            models["value"] = model.value
+        if model.anti_expert is not None:
+            models["anti"] = model.anti_expert
+        if max_len is None:
+            limits = [
+                getattr(m.config, "max_position_embeddings", None) or 2048 for m in models.values()
+            ]
+            max_len = min(2048, *limits)
+        self.max_batch, self.max_len, self.seed = int(max_batch), int(max_len), int(seed)
+        self.cache = PairedKVCache(models, self.max_batch, self.max_len)
+        self._text = _Text(model.tokenizer)
+        self._eos = frozenset(model.eos_ids())
+
+    # ---- public API ---------------------------------------------------------------------
+    def generate(
+        self, prompt, params: SamplingParams | None = None, *, chat: bool = False
+    ) -> Result:
+        """One prompt; raises ValueError if the request fails."""
+        result = self.generate_many([prompt], params, chat=chat)[0]
+        if result.error is not None:
+            raise ValueError(result.error)
+        return result
+
+    def generate_many(
+        self,
+        prompts: Sequence,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat: bool = False,
+        progress: bool = False,
+    ) -> list[Result]:
+        """Generate for every prompt (continuous batching); results in input order.
+
+        ``prompts``: strings, token-id lists or chat message lists. ``params``: one
+        ``SamplingParams`` for all, or one per prompt. Failed requests carry ``error``.
+        """
+        results: list[Result | None] = [None] * len(prompts)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts), unit="req", desc="generate")
+        try:
+            for event in self.stream(prompts, params, chat=chat):
+                if event.result is not None:
+                    results[event.request_id] = event.result
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return results  # type: ignore[return-value]
+
+    def stream(
+        self,
+        prompts: Sequence,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        chat: bool = False,
+    ) -> Iterator[StreamEvent]:
+        """Yield :class:`StreamEvent` s ``(request_id, token, text_delta)`` as tokens are made.
+
+        request_id is the prompt's index. Each request ends with one event whose ``token`` is
+        None and whose ``result`` is its :class:`Result`.
+        """
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list; use generate() for one prompt")
+        if params is None:
+            params = SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        elif len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        queue = deque()
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            if not isinstance(p, SamplingParams):
+                raise TypeError(f"params[{i}] must be a SamplingParams, got {type(p).__name__}")
+            seed = p.seed if p.seed is not None else derive_seed(i, self.seed)
+            req = _Request(i, prompt, p, seed)
+            req.result = Result(i, prompt, seed=seed, logprobs=[] if p.logprobs else None)
+            try:
+                req.ids = self.model.encode(prompt, chat=chat)
+                req.result.prompt_tokens = len(req.ids)
+                if len(req.ids) > self.max_len:
+                    raise ValueError(
+                        f"prompt has {len(req.ids)} tokens but the cache holds {self.max_len} "
+                        "per request: shorten it or raise max_len"
+                    )
+            except (ValueError, TypeError) as e:
+                yield self._fail(req, str(e))
+                continue
+            stop_ids = set(p.stop_token_ids)
+            if not p.ignore_eos:
+                stop_ids |= self._eos
+            req.stop_ids = frozenset(stop_ids)
+            queue.append(req)
+        yield from self._run(queue)
+
+    # ---- the scheduler ------------------------------------------------------------------
+    def _fail(self, req: _Request, message: str) -> StreamEvent:
+        req.result.error = message
+        req.result.finish_reason = "error"
+        req.result.text = req.text
+        logger.warning("request %d failed: %s", req.index, message)
+        return StreamEvent(req.index, None, "", req.result)
+
+    def _admit(self, req: _Request, slot: int) -> None:
+        m, cache = self.model, self.cache
+        ids = req.ids
+        if len(ids) > 1:
+            prefix = torch.tensor(ids[:-1], dtype=torch.int64, device=m.device)
+            cascade = m.scheme in ("cascade", "cascade_no_text")
+            keep = 0 if cascade else 1
+            zb = cache.prefill("base", slot, prefix, logits_to_keep=keep)
+            if m.value is not None and req.params.alpha != 0:
+                if cascade:
+                    emb = m.value_inputs_embeds(prefix, zb)
+                    cache.prefill("value", slot, inputs_embeds=emb)
+                else:
+                    cache.prefill("value", slot, prefix)
+                if m.anti_expert is not None:
+                    cache.prefill("anti", slot, prefix)
+        cache.assign(slot, len(ids) - 1)
+        req.pending = ids[-1]
+        self._text.start(req)
+
+    def _forward(self, active: list[_Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        m, cache = self.model, self.cache
+        n = len(active)
+        inp = torch.tensor([r.pending for r in active], dtype=torch.int64, device=m.device)
+        zb = cache.decode("base", n, inp)  # [n, V_base]
+        zv = None
+        if m.value is not None and any(r.params.alpha != 0 for r in active):
+            if m.scheme in ("cascade", "cascade_no_text"):
+                zv = cache.decode("value", n, inputs_embeds=m.value_inputs_embeds(inp, zb))
+            else:
+                zv = cache.decode("value", n, inp)
+            if m.anti_expert is not None:
+                zv = zv.float() - cache.decode("anti", n, inp).float()
+        cache.commit(n)
+        return zb, zv
+
+    def _sample(self, active, zb, zv) -> tuple[list[int], list[float]]:
+        import ivl
+
+        dev = zb.device
+        ps = [r.params for r in active]
+
+        def t(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=dev)
+
+        tokens, logprobs = ivl.merge_sample(
+            zb,
+            zv,
+            alpha=t([p.alpha for p in ps], torch.float32),
+            vocab_map=self.model.vocab_map if zv is not None else None,
+            fill=self.model.fill,
+            vocab_limit=self.model.vocab_limit,
+            temperature=t([p.temperature for p in ps], torch.float32),
+            top_k=t([p.top_k for p in ps], torch.int64),
+            top_p=t([p.top_p for p in ps], torch.float32),
+            min_p=t([p.min_p for p in ps], torch.float32),
+            seed=t([r.seed for r in active], torch.int64),
+            step=t([len(r.result.token_ids) for r in active], torch.int64),
+        )
+        return tokens.tolist(), logprobs.tolist()
+
+    def _finish(self, req: _Request, reason: str) -> StreamEvent:
+        req.result.finish_reason = reason
+        delta = self._text.finish(req)
+        req.result.text = req.text
+        return StreamEvent(req.index, None, delta, req.result)
+
+    def _run(self, queue: deque) -> Iterator[StreamEvent]:
+        # inference_mode is entered per step, never across a yield: it is thread-local state
+        # and must not leak into the caller's code between events.
+        active: list[_Request] = []
+        while queue or active:
+            with torch.inference_mode():
+                events, active = self._step(queue, active)
+            yield from events
+
+    def _step(self, queue: deque, active: list[_Request]):
+        cache, events = self.cache, []
+        while queue and len(active) < self.max_batch:
+            req = queue.popleft()
+            try:
+                self._admit(req, len(active))
+            except ValueError as e:
+                cache.release(len(active))
+                events.append(self._fail(req, str(e)))
+                continue
+            active.append(req)
+        if not active:
+            return events, active
+        zb, zv = self._forward(active)
+        tokens, logprobs = self._sample(active, zb, zv)
+        done: list[int] = []
+        for i, (req, tok, lp) in enumerate(zip(active, tokens, logprobs, strict=True)):
+            for e in self._consume(req, tok, lp, cache.lengths[i]):
+                events.append(e)
+                if e.result is not None:
+                    done.append(i)
+        if done:
+            active = self._compact(active, done)
+        return events, active
+
+    def _consume(self, req: _Request, tok: int, lp: float, cached: int) -> list[StreamEvent]:
+        import ivl
+
+        res, p = req.result, req.params
+        if tok == ivl.INVALID_TOKEN:
+            return [
+                self._fail(
+                    req,
+                    "the merged logits have no distribution (NaN or inf); try dtype=float32 or a "
+                    "smaller alpha",
+                )
+            ]
+        if tok in req.stop_ids:
+            return [self._finish(req, "stop")]
+        res.token_ids.append(tok)
+        if res.logprobs is not None:
+            res.logprobs.append(lp)
+        delta, hit = self._text.update(req)
+        events = [StreamEvent(req.index, tok, delta)]
+        if hit:
+            events.append(self._finish(req, "stop"))
+        elif len(res.token_ids) >= p.max_new_tokens:
+            events.append(self._finish(req, "length"))
+        elif cached >= self.max_len:
+            logger.warning("request %d filled its cache slot (max_len=%d)", req.index, self.max_len)
+            events.append(self._finish(req, "length"))
+        else:
+            req.pending = tok
+        return events
+
+    def _compact(self, active: list[_Request], done: list[int]) -> list[_Request]:
+        """Drop finished rows; move rows from the tail into the holes (slots stay 0..n-1)."""
+        gone = set(done)
+        n_new = len(active) - len(gone)
+        holes = [i for i in sorted(gone) if i < n_new]
+        movers = [i for i in range(n_new, len(active)) if i not in gone]
+        new = list(active)
+        for hole, src in zip(holes, movers, strict=True):
+            self.cache.move(src, hole)
+            new[hole] = active[src]
+        for i in range(n_new, len(active)):
+            self.cache.release(i)
+        return new[:n_new]

@@ -1,0 +1,296 @@
+"""``IVLModel``: a frozen base LM plus a value network (or nothing, or a proxy-tuning pair).
+
+Holds the models, the base tokenizer and everything the merge needs (vocab map, fill,
+vocab_limit). Checks compatibility once, at construction, with errors that say how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("ivl")
+
+SCHEMES = ("residual", "cascade", "cascade_no_text", "proxy")
+
+
+def _output_vocab(model) -> int:
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "weight"):
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _load(spec: Any, *, dtype, device, what: str, tokenizer=None):
+    """(model, tokenizer or None, folder or None) from a name/folder, a model, or a pair."""
+    from ivl.models.loading import load_model, load_tokenizer
+
+    if isinstance(spec, (tuple, list)) and len(spec) == 2:
+        spec, tokenizer = spec
+    if isinstance(spec, (str, os.PathLike)):
+        model = load_model(spec, dtype=dtype, device=device)
+        if tokenizer is None:
+            try:
+                tokenizer = load_tokenizer(spec)
+            except (OSError, ValueError) as e:  # a value folder may ship without a tokenizer
+                logger.info("no tokenizer for the %s model %s (%s)", what, spec, e)
+        folder = None
+        if not (isinstance(spec, str) and _is_zoo(spec)):
+            folder = Path(spec)
+        return model, tokenizer, folder
+    if isinstance(spec, torch.nn.Module):
+        model = spec
+        if dtype is not None:
+            model = model.to(dtype)
+        if device is not None:
+            model = model.to(device)
+        model.eval()
+        folder = getattr(model.config, "_name_or_path", None)
+        folder = Path(folder) if folder and Path(folder).is_dir() else None
+        return model, tokenizer, folder
+    raise TypeError(
+        f"the {what} model must be a zoo name, a folder, a loaded model or a (model, tokenizer) "
+        f"pair, got {type(spec).__name__}"
+    )
+
+
+def _is_zoo(name: str) -> bool:
+    from ivl.models import zoo
+
+    return name in zoo.MODELS
+
+
+def _same_tokenizer(a, b) -> bool:
+    if a is b:
+        return True
+    return len(a) == len(b) and a.get_vocab() == b.get_vocab()
+
+
+def read_ivl_meta(folder: Path | None) -> dict:
+    """The value checkpoint's ivl.json metadata ({} when absent)."""
+    if folder is None or not (folder / "ivl.json").is_file():
+        return {}
+    with open(folder / "ivl.json", encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{folder / 'ivl.json'} is not valid JSON: {e}") from None
+
+
+class IVLModel:
+    """A base LM steered by a value network: z = z_base + alpha * z_value.
+
+    Build it with :meth:`from_pretrained`. Attributes: ``base``, ``value`` (or None),
+    ``tokenizer`` (the base's; generation happens in the base vocabulary), ``scheme``,
+    ``vocab_map`` (None or (index, weight)), ``fill``, ``vocab_limit``, and for proxy-tuning
+    ``expert`` / ``anti_expert``.
+    """
+
+    def __init__(
+        self,
+        base,
+        tokenizer,
+        value=None,
+        *,
+        scheme: str = "residual",
+        vocab_map=None,
+        fill: float = 0.0,
+        vocab_limit: int | None = None,
+        anti_expert=None,
+    ):
+        self.base, self.tokenizer, self.value = base, tokenizer, value
+        self.scheme, self.vocab_map, self.fill = scheme, vocab_map, float(fill)
+        self.anti_expert = anti_expert
+        self.vocab_size = _output_vocab(base)
+        self.vocab_limit = vocab_limit or min(self.vocab_size, len(tokenizer))
+        for m in (base, value, anti_expert):
+            if m is not None:
+                m.eval()
+                m.requires_grad_(False)
+
+    @property
+    def expert(self):
+        return self.value if self.scheme == "proxy" else None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base,
+        value=None,
+        *,
+        dtype=None,
+        scheme: str = "residual",
+        vocab_map=None,
+        fill: float = 0.0,
+        device=None,
+        tokenizer=None,
+        anti_expert=None,
+    ) -> IVLModel:
+        """Load (or wrap) a base and a value model.
+
+        Parameters
+        ----------
+        base, value : str, path, model, or (model, tokenizer)
+            Zoo names or Hugging Face folders are loaded with ``ivl.models.load_model``; a loaded
+            model needs its tokenizer (``tokenizer=`` for the base, or a pair). ``value=None``
+            generates with the base alone.
+        dtype : torch.dtype, optional
+            Weights dtype for both models (default: as stored).
+        scheme : str
+            ``residual`` (value reads token ids; the default), ``cascade`` /
+            ``cascade_no_text`` (value reads softmax(z_base) @ E_value, plus its own token
+            embeddings for ``cascade``), or ``proxy`` (proxy-tuning: ``value`` is the expert
+            and ``anti_expert`` is required; z = z_base + alpha * (z_expert - z_anti)).
+            Checked against the value checkpoint's ivl.json when it has one.
+        vocab_map : (index, weight) or ivl.VocabMap, optional
+            Maps value columns into the base vocabulary when the value's output vocabulary
+            differs. The value must still read the base's token ids (same tokenizer).
+        fill : float
+            Value logit assumed for unmapped base tokens.
+
+        Examples
+        --------
+        >>> m = IVLModel.from_pretrained("smollm2-135m", "smollm2-135m-instruct")  # doctest: +SKIP
+        """
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        base_m, base_tok, _ = _load(
+            base, dtype=dtype, device=device, what="base", tokenizer=tokenizer
+        )
+        if base_tok is None:
+            raise ValueError(
+                "the base model needs a tokenizer: pass tokenizer= or a (model, tokenizer) pair"
+            )
+        device = device or next(base_m.parameters()).device
+        if value is None:
+            if scheme == "proxy" or anti_expert is not None:
+                raise ValueError("proxy-tuning needs value= (the expert) and anti_expert=")
+            return cls(base_m, base_tok, None, scheme=scheme)
+        value_m, value_tok, value_dir = _load(value, dtype=dtype, device=device, what="value")
+        meta = read_ivl_meta(value_dir)
+        trained = meta.get("scheme")
+        if trained and scheme != "proxy" and trained != scheme:
+            raise ValueError(
+                f"the value model was trained with scheme {trained!r} (its ivl.json) but "
+                f"scheme={scheme!r} was requested; pass scheme={trained!r}"
+            )
+        if next(value_m.parameters()).device != next(base_m.parameters()).device:
+            value_m = value_m.to(next(base_m.parameters()).device)
+        anti_m = None
+        if scheme == "proxy":
+            if anti_expert is None:
+                raise ValueError("scheme='proxy' needs anti_expert= (the untuned small model)")
+            anti_m, anti_tok, _ = _load(anti_expert, dtype=dtype, device=device, what="anti-expert")
+            anti_m = anti_m.to(next(base_m.parameters()).device)
+            if anti_tok is not None and not _same_tokenizer(base_tok, anti_tok):
+                raise ValueError("the anti-expert must share the base's tokenizer")
+            if _output_vocab(anti_m) != _output_vocab(value_m):
+                raise ValueError(
+                    f"expert and anti-expert vocabularies differ ({_output_vocab(value_m)} vs "
+                    f"{_output_vocab(anti_m)}); proxy-tuning needs the same vocabulary"
+                )
+        elif anti_expert is not None:
+            raise ValueError("anti_expert= is only used with scheme='proxy'")
+
+        vb, vv = _output_vocab(base_m), _output_vocab(value_m)
+        if value_tok is not None and not _same_tokenizer(base_tok, value_tok):
+            if vocab_map is None:
+                raise ValueError(
+                    f"the value model's tokenizer differs from the base's (vocabularies {vv} vs "
+                    f"{vb}): build a map with `ivl vocab build` and pass vocab_map="
+                )
+            raise ValueError(
+                "the value model uses a different tokenizer: generation would need to "
+                "re-tokenize the text for it (the vocabulary bridge), which the engine does not "
+                "support yet; use a value model that shares the base's tokenizer"
+            )
+        vocab_limit = min(vb, len(base_tok))
+        if vocab_map is None and vv != vb:
+            if len(base_tok) <= min(vv, vb):
+                # Same tokenizer (or none shipped with the value: assumed the same), different
+                # padding of the embedding matrix (e.g. Qwen2 151,936 vs 152,064): identity map;
+                # ids past the tokenizer are never sampled.
+                index = torch.arange(vb, dtype=torch.int64)
+                index[vv:] = -1
+                vocab_map = (index.to(device), torch.ones(vb, device=device))
+                logger.info("value vocabulary padded differently (%d vs %d): identity map", vv, vb)
+            else:
+                raise ValueError(
+                    f"vocabularies differ ({vv} value vs {vb} base columns): build a map with "
+                    "`ivl vocab build` or pass vocab_map="
+                )
+        if scheme in ("cascade", "cascade_no_text") and vocab_map is not None:
+            raise ValueError(f"scheme={scheme!r} needs the value to share the base's vocabulary")
+        return cls(
+            base_m,
+            base_tok,
+            value_m,
+            scheme=scheme,
+            vocab_map=vocab_map,
+            fill=fill,
+            vocab_limit=vocab_limit,
+            anti_expert=anti_m,
+        )
+
+    # ---- helpers shared by the engine, the naive loop and the HF adapters ------------------
+    def eos_ids(self) -> set[int]:
+        """End-of-sequence ids of the tokenizer and the base's generation config."""
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen = getattr(self.base, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif eos:
+            ids.update(int(e) for e in eos)
+        return ids
+
+    def encode(self, prompt, *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt: a string, a list of ids, or chat messages."""
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            ids = [int(t) for t in prompt]
+        elif chat or (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict)):
+            messages = (
+                prompt if not isinstance(prompt, str) else [{"role": "user", "content": prompt}]
+            )
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise ValueError("the base tokenizer has no chat template; drop --chat / chat=")
+            out = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, return_dict=True
+            )
+            ids = list(out["input_ids"])
+        elif isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        else:
+            raise TypeError(
+                f"a prompt must be a string, a list of token ids or chat messages, got {prompt!r:.60}"
+            )
+        if not ids:
+            raise ValueError("empty prompt: give at least one token of text")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        return ids
+
+    def value_inputs_embeds(self, ids: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+        """Cascade schemes: value input at position t = [E_value[id_t] +] softmax(z_base_t) @ E_value.
+
+        ids: int64 [..., L]; base_logits: [..., L, V] (the base distribution at each position,
+        which describes the next token). Returns [..., L, d] in the value's dtype.
+        """
+        emb = self.value.get_input_embeddings()
+        probs = torch.softmax(base_logits[..., : emb.weight.shape[0]].float(), dim=-1)
+        mixed = (probs @ emb.weight.float()).to(emb.weight.dtype)
+        if self.scheme == "cascade":
+            mixed = mixed + emb(ids)
+        return mixed
