@@ -22,9 +22,11 @@ _LAZY = {
     "IVLLogitsProcessor": "ivl.engine.hf",
     "IVLModel": "ivl.engine",
     "SamplingParams": "ivl.engine",
+    "TrainConfig": "ivl.train.trainer",
     "merge_logits": "ivl.ops",
     "merge_sample": "ivl.ops",
     "merged_log_softmax": "ivl.ops",
+    "train_value": "ivl.train.trainer",
     "zoo": "ivl.models.zoo",
 }
 
@@ -34,10 +36,12 @@ __all__ = [
     "IVLLogitsProcessor",
     "IVLModel",
     "SamplingParams",
+    "TrainConfig",
     "__version__",
     "merge_logits",
     "merge_sample",
     "merged_log_softmax",
+    "train_value",
     "zoo",
 ]
 
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
     from ivl.engine.hf import IVLLogitsProcessor
     from ivl.models import zoo
     from ivl.ops import INVALID_TOKEN, merge_logits, merge_sample, merged_log_softmax
+    from ivl.train.trainer import TrainConfig, train_value
 
 
 def __getattr__(name: str) -> Any:

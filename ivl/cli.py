@@ -132,6 +132,17 @@ def _register_generate(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# ivl train (defined with the trainer)
+
+
+@command
+def _register_train(sub: argparse._SubParsersAction) -> None:
+    from ivl.train.cli import register
+
+    register(sub)
+
+
+# --------------------------------------------------------------------------------------------
 # ivl demo
 
 

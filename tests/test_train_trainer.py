@@ -1,0 +1,120 @@
+"""train_value on tiny models: loss goes down, exact resume, artefact, early errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ivl.models.tiny import save_tiny
+from ivl.train.artefact import read_ivl_json, tokenizer_fingerprint
+from ivl.train.trainer import TrainConfig, train_value
+
+RECS = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("base") / "b", "llama", "gpt2", seed=1)
+
+
+def _cfg(out, **kw):
+    kw = {
+        "out_dir": str(out),
+        "epochs": 1,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "lr": 3e-3,
+        "progress": False,
+        **kw,
+    }
+    return TrainConfig(**kw)
+
+
+def _metrics(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tiny_run_lowers_loss_and_saves_artefact(base_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = train_value(
+        str(base_dir), "first-1-layers", RECS, _cfg(tmp_path / "o", epochs=4, eval_fraction=0.25)
+    )
+    rows = _metrics(out)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 4 * 3  # 18 train examples, global batch 8 -> 3 steps/epoch
+    assert losses[-1] < losses[0] - 0.5
+    base_ce = next(r["eval_base_ce"] for r in rows if "eval_base_ce" in r)
+    assert rows[-1]["eval_ce"] < base_ce
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert model.config.num_hidden_layers == 1
+    meta = read_ivl_json(out)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert meta["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok)
+    assert meta["scheme"] == "residual" and meta["alpha"] == 1.0
+    assert meta["norm"] == {"lambda": 1.0, "masked": False}
+    assert len(meta["data"]["fingerprint"]) == 64
+    # no leftovers of atomic writes
+    assert not [p for p in out.rglob(".tmp*")]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_is_exact(base_dir, tmp_path):
+    kw = dict(epochs=2, save_every=2, grad_accum=1, batch_size=3, warmup_ratio=0.2)
+    full = train_value(str(base_dir), "random", RECS[:12], _cfg(tmp_path / "full", **kw))
+
+    def kill(row):
+        if row["step"] == 5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train_value(
+            str(base_dir), "random", RECS[:12], _cfg(tmp_path / "cut", **kw), callbacks=[kill]
+        )
+    assert (tmp_path / "cut" / "checkpoints" / "step-0000004").is_dir()
+    assert not (tmp_path / "cut" / "ivl.json").exists()
+    with pytest.raises(ValueError, match="already holds a training run"):
+        train_value(str(base_dir), "random", RECS[:12], _cfg(tmp_path / "cut", **kw))
+    resumed = train_value(
+        str(base_dir), "random", RECS[:12], _cfg(tmp_path / "cut", resume=True, **kw)
+    )
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [r["loss"] for r in _metrics(full) if "loss" in r]
+    lb = [r["loss"] for r in _metrics(resumed) if "loss" in r]
+    assert la == lb
+
+
+def test_unwritable_out_dir(base_dir, tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/ivl-cannot-write-here"  # root ignores permission bits
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = str(ro / "out")
+    with pytest.raises(PermissionError, match="not writable"):
+        train_value(str(base_dir), "random", RECS, _cfg(target))
+
+
+def test_early_errors(base_dir, tmp_path):
+    other = save_tiny(tmp_path / "other", "llama", "smollm2", seed=3)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        train_value(str(base_dir), str(other), RECS, _cfg(tmp_path / "a"))
+    with pytest.raises(ValueError, match="item 1: missing field"):
+        train_value(str(base_dir), "random", [RECS[0], {"prompt": "x"}], _cfg(tmp_path / "b"))
+    with pytest.raises(ValueError, match="first-5-layers: the model has 2 layers"):
+        train_value(str(base_dir), "first-5-layers", RECS, _cfg(tmp_path / "c"))
+    with pytest.raises(ValueError, match="unknown scheme"):
+        train_value(str(base_dir), "random", RECS, _cfg(tmp_path / "d", scheme="nope"))
