@@ -13,6 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton chooses interpreted vs compiled kernels when they are decorated (at
+# `import ivl.ops.triton`): without a CUDA device, run them in its NumPy interpreter on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Set at import time, before any test module imports transformers / huggingface_hub.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -48,10 +48,11 @@ def unavailable() -> dict[str, str]:
     elif not _native.HAS_CUDA:
         why.setdefault("cuda", "ivl._C was built without CUDA kernels (rebuild with nvcc present)")
     if "triton" not in why:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            why["triton"] = "triton is not installed"
+        from . import triton as _triton
+
+        ok, reason = _triton.available()
+        if not ok:
+            why["triton"] = reason
     return why
 
 
