@@ -22,26 +22,37 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def p50(
-    fn: Callable[[], object], *, reps: int = 20, warmup: int = 3, min_time: float = 0.2
+    fn: Callable[[], object],
+    *,
+    reps: int = 20,
+    warmup: int = 3,
+    min_time: float = 0.2,
+    device: str = "cpu",
 ) -> float:
-    """Median seconds per call over at least ``reps`` calls (more for very fast calls)."""
+    """Median seconds per call over at least ``reps`` calls (more for very fast calls).
+
+    On CUDA every call is followed by a synchronize, so the time covers the kernels.
+    """
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < reps or time.perf_counter() - start < min_time:
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
         if len(times) >= 10 * reps:
             break
     return statistics.median(times)
 
 
-def read_bandwidth(nbytes: int = 256 << 20) -> float:
-    """This machine's measured read bandwidth in GB/s (torch .sum over a large fp32 buffer)."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    return nbytes / p50(x.sum, reps=10) / 1e9
+def read_bandwidth(nbytes: int = 256 << 20, device: str = "cpu") -> float:
+    """Measured read bandwidth of ``device`` in GB/s (torch .sum over a large fp32 buffer)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    return nbytes / p50(x.sum, reps=10, device=device) / 1e9
 
 
 def provenance() -> dict[str, str]:

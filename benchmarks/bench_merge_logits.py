@@ -21,32 +21,42 @@ from ivl.ops import merge_logits as public_merge_logits
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small size only (smoke run)")
+    parser.add_argument("--gpu", action="store_true", help="CUDA tensors: ivl-cuda and ivl-triton")
     args = parser.parse_args()
+    device = "cuda" if args.gpu else "cpu"
 
     sizes = [(8, 32000)] if args.quick else [(1, 32000), (8, 32000), (32, 151936), (8, 262144)]
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     providers = {"torch-reference": reference.merge_logits}
-    if _native.AVAILABLE:
-        providers["ivl-native"] = public_merge_logits
+    if _native.AVAILABLE and (device == "cpu" or _native.HAS_CUDA):
+        providers[f"ivl-{device}"] = public_merge_logits
     else:
-        print(f"native extension unavailable ({_native.REASON}): reference only")
+        print(f"native {device} kernels unavailable ({_native.REASON or 'not built'})")
+    if args.gpu:
+        from ivl.ops import triton as ivl_triton
 
-    bw = read_bandwidth()
-    print(f"machine read bandwidth: {bw:.1f} GB/s")
+        providers["ivl-triton"] = ivl_triton.merge_logits
+
+    bw = read_bandwidth(device=device)
+    print(f"{device} read bandwidth: {bw:.1f} GB/s")
     rows = []
     for b, v in sizes:
         for dtype in dtypes:
             for mapped in (False, True):
                 g = torch.Generator().manual_seed(0)
-                base = torch.randn(b, v, generator=g).to(dtype)
-                value = torch.randn(b, v, generator=g).to(dtype)
+                base = torch.randn(b, v, generator=g).to(device=device, dtype=dtype)
+                value = torch.randn(b, v, generator=g).to(device=device, dtype=dtype)
                 kw = dict(alpha=0.8, vocab_limit=v - 7)
                 if mapped:
-                    kw["vocab_map"] = (torch.randperm(v, generator=g), torch.rand(v, generator=g))
+                    perm, weight = torch.randperm(v, generator=g), torch.rand(v, generator=g)
+                    kw["vocab_map"] = (perm.to(device), weight.to(device))
                 nbytes = 2 * base.numel() * base.element_size() + 4 * base.numel()
                 ref_t = None
                 for name, fn in providers.items():
-                    t = p50(lambda fn=fn, base=base, value=value, kw=kw: fn(base, value, **kw))
+                    t = p50(
+                        lambda fn=fn, base=base, value=value, kw=kw: fn(base, value, **kw),
+                        device=device,
+                    )
                     ref_t = ref_t or t
                     row = dict(
                         op="merge_logits",
