@@ -17,19 +17,6 @@ namespace {
 // 32k-vocab row (the per-token decode case) stays on the calling thread.
 constexpr int64_t kGrain = 1 << 15;
 
-// A map entry >= Vv would index past the value row. One pass over the map is cheap next to the
-// merge itself and turns a corrupt or mismatched map into an error instead of garbage.
-void check_map_range(const at::Tensor& index, int64_t value_cols) {
-  const int64_t* idx = index.data_ptr<int64_t>();
-  const int64_t n = index.numel();
-  int64_t hi = -1;
-  for (int64_t i = 0; i < n; ++i) hi = std::max(hi, idx[i]);
-  TORCH_CHECK(hi < value_cols, "ivl::merge_logits: map_index contains value id ", hi,
-              " but value has only ", value_cols,
-              " columns; the vocab map was built for a different value model (rebuild it with "
-              "`ivl vocab build`)");
-}
-
 at::Tensor merge_logits_cpu(const at::Tensor& base, const std::optional<at::Tensor>& value,
                             const at::Tensor& alpha, const std::optional<at::Tensor>& map_index,
                             const std::optional<at::Tensor>& map_weight, double fill,
@@ -110,6 +97,19 @@ TORCH_LIBRARY(ivl, m) {
       "Tensor? map_weight, float fill, int vocab_limit) -> Tensor");
   // The RNG stream every sampler draws from: out[r, v] = uniform(seed[r], step[r], v) in (0, 1].
   m.def("philox_uniform(Tensor seed, Tensor step, int vocab) -> Tensor");
+  // log_softmax of the merged logits, fp32 [B, Vb]; NaN rows where the merged row is invalid.
+  m.def(
+      "merged_log_softmax(Tensor base, Tensor? value, Tensor alpha, Tensor? map_index, "
+      "Tensor? map_weight, float fill, int vocab_limit) -> Tensor");
+  // Merge, filter and sample one token per row (csrc/include/ivl/sample.h). Per-row [B] params:
+  // temperature, top_p, min_p fp32; top_k, seed, step int64. tokens int64 [B] (-1: invalid row),
+  // logprobs fp32 [B] (log_softmax of the merged row at the token; NaN when invalid or when
+  // want_logprobs is false, which skips the log-sum-exp work).
+  m.def(
+      "merge_sample(Tensor base, Tensor? value, Tensor alpha, Tensor? map_index, "
+      "Tensor? map_weight, float fill, int vocab_limit, Tensor temperature, Tensor top_k, "
+      "Tensor top_p, Tensor min_p, Tensor seed, Tensor step, bool want_logprobs=True) "
+      "-> (Tensor tokens, Tensor logprobs)");
   // The fake (meta) impls are registered from Python; torch imports this module to find them.
   m.set_python_module("ivl.ops._native");
 }

@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
@@ -55,8 +56,8 @@ inline MergeInputs check_merge_inputs(const at::Tensor& base,
                                       const at::Tensor& alpha,
                                       const std::optional<at::Tensor>& map_index,
                                       const std::optional<at::Tensor>& map_weight, double fill,
-                                      int64_t vocab_limit) {
-  constexpr const char* op = "ivl::merge_logits";
+                                      int64_t vocab_limit,
+                                      const char* op = "ivl::merge_logits") {
   TORCH_CHECK(base.dim() == 2, op, ": base must be 2-D [batch, vocab], got shape ", base.sizes(),
               "; reshape logits to [-1, vocab] (e.g. logits[:, -1, :] for the last position)");
   TORCH_CHECK(is_float_logits(base.scalar_type()), op,
@@ -119,6 +120,21 @@ inline MergeInputs check_merge_inputs(const at::Tensor& base,
                           has_map ? in.weight.data_ptr<float>() : nullptr, static_cast<float>(fill),
                           vocab_limit, Vv};
   return in;
+}
+
+// A map entry >= Vv would index past the value row. One pass over the map is cheap next to the
+// merge itself and turns a corrupt or mismatched map into an error instead of garbage (CPU only:
+// on CUDA it would cost a device->host sync, and the kernels write NaN instead of reading).
+inline void check_map_range(const at::Tensor& index, int64_t value_cols,
+                            const char* op = "ivl::merge_logits") {
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const int64_t n = index.numel();
+  int64_t hi = -1;
+  for (int64_t i = 0; i < n; ++i) hi = std::max(hi, idx[i]);
+  TORCH_CHECK(hi < value_cols, op, ": map_index contains value id ", hi, " but value has only ",
+              value_cols,
+              " columns; the vocab map was built for a different value model (rebuild it with "
+              "`ivl vocab build`)");
 }
 
 inline void check_philox_inputs(const at::Tensor& seed, const at::Tensor& step, int64_t vocab) {

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import backend, reference
-from ._params import alpha_rows, check_merge_inputs
+from ._params import alpha_rows, check_merge_inputs, sampling_rows
 from .reference import INVALID_TOKEN
 
 __all__ = ["INVALID_TOKEN", "merge_logits", "merge_sample", "merged_log_softmax"]
@@ -36,10 +36,98 @@ def _native_merge_logits(
     return _native.merge_logits(base, value, a, index, weight, float(fill), vocab_limit)
 
 
-for _name in ("merge_logits", "merge_sample"):
+def _native_merged_log_softmax(
+    base: torch.Tensor,
+    value: torch.Tensor | None,
+    *,
+    alpha: float | torch.Tensor = 1.0,
+    vocab_map: Any = None,
+    fill: float = 0.0,
+    vocab_limit: int | None = None,
+) -> torch.Tensor:
+    from . import _native
+
+    vmap, vocab_limit = check_merge_inputs(base, value, vocab_map, vocab_limit)
+    index, weight = vmap if vmap is not None else (None, None)
+    a = alpha_rows(alpha, base.shape[0], base.device)
+    return _native.merged_log_softmax(base, value, a, index, weight, float(fill), vocab_limit)
+
+
+def _native_merge_then_log_softmax(base: torch.Tensor, value: torch.Tensor | None, **kw: Any):
+    # CUDA has a native merge but no fused log-softmax kernel yet: merge natively, then torch.
+    return torch.log_softmax(_native_merge_logits(base, value, **kw), dim=-1)
+
+
+def _native_merge_sample(
+    base: torch.Tensor,
+    value: torch.Tensor | None,
+    *,
+    alpha: float | torch.Tensor = 1.0,
+    vocab_map: Any = None,
+    fill: float = 0.0,
+    vocab_limit: int | None = None,
+    temperature: float | torch.Tensor = 1.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    min_p: float | torch.Tensor = 0.0,
+    seed: int | torch.Tensor = 0,
+    step: int | torch.Tensor = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import _native
+
+    vmap, vocab_limit = check_merge_inputs(base, value, vocab_map, vocab_limit)
+    index, weight = vmap if vmap is not None else (None, None)
+    n = base.shape[0]
+    a = alpha_rows(alpha, n, base.device)
+    p = sampling_rows(
+        n,
+        base.device,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        seed=seed,
+        step=step,
+    )
+    return _native.merge_sample(
+        base,
+        value,
+        a,
+        index,
+        weight,
+        float(fill),
+        vocab_limit,
+        p["temperature"],
+        p["top_k"],
+        p["top_p"],
+        p["min_p"],
+        p["seed"],
+        p["step"],
+    )
+
+
+for _name in ("merge_logits", "merge_sample", "merged_log_softmax"):
     backend.register(_name, "torch", getattr(reference, _name))
 backend.register("merge_logits", "cpu", _native_merge_logits)
 backend.register("merge_logits", "cuda", _native_merge_logits)
+backend.register("merged_log_softmax", "cpu", _native_merged_log_softmax)
+backend.register("merged_log_softmax", "cuda", _native_merge_then_log_softmax)
+backend.register("merge_sample", "cpu", _native_merge_sample)
+
+
+def _triton(name: str):
+    """Triton implementation of ``name``, imported on first use (importing triton is slow)."""
+
+    def call(*args: Any, **kwargs: Any):
+        from . import triton as _t
+
+        return getattr(_t, name)(*args, **kwargs)
+
+    return call
+
+
+for _name in ("merge_logits", "merge_sample", "merged_log_softmax"):
+    backend.register(_name, "triton", _triton(_name))
 
 
 def merge_logits(
@@ -70,8 +158,18 @@ def merged_log_softmax(
     value: torch.Tensor | None = None,  # [B, V_value]
     **merge_kwargs: Any,
 ) -> torch.Tensor:
-    """log softmax of the merged logits, fp32 [B, V_base]; takes ``merge_logits``'s keywords."""
-    return torch.log_softmax(merge_logits(base, value, **merge_kwargs), dim=-1)
+    """log softmax of the merged logits, fp32 [B, V_base]; takes ``merge_logits``'s keywords.
+
+    Rows whose merged logits hold NaN or +inf, or no finite value, come out all NaN.
+
+    Examples
+    --------
+    >>> import torch, ivl
+    >>> ivl.merged_log_softmax(torch.zeros(1, 2), torch.tensor([[0.0, 1.0]]), alpha=0.0)
+    tensor([[-0.6931, -0.6931]])
+    """
+    impl = backend.implementation("merged_log_softmax", base.device)
+    return impl(base, value, **merge_kwargs)
 
 
 def merge_sample(

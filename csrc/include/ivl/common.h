@@ -56,23 +56,30 @@ struct bf16 {
   IVL_HOST_DEVICE operator float() const { return bits_to_float(uint32_t(bits) << 16); }
 };
 
+IVL_HOST_DEVICE inline uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+
 // IEEE binary16 storage (1 sign, 5 exponent, 10 mantissa bits), widened exactly to fp32.
+// Branch-free (selects, no loop) so loops over fp16 rows vectorise; subnormals go through an
+// exact integer -> float conversion rather than denormal arithmetic (safe under flush-to-zero).
 struct fp16 {
   uint16_t bits;
   IVL_HOST_DEVICE operator float() const {
     const uint32_t sign = uint32_t(bits & 0x8000u) << 16;
-    const uint32_t exp = (bits >> 10) & 0x1fu;
-    uint32_t man = bits & 0x3ffu;
-    if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));  // inf / NaN
-    if (exp != 0) return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
-    if (man == 0) return bits_to_float(sign);  // +-0
-    // Subnormal: value = man * 2^-24; normalise the mantissa into fp32's implicit-1 form.
-    int e = 113;  // fp32 biased exponent of 2^-14, decremented per shift
-    while ((man & 0x400u) == 0) {
-      man <<= 1;
-      --e;
-    }
-    return bits_to_float(sign | (uint32_t(e) << 23) | ((man & 0x3ffu) << 13));
+    const uint32_t em = bits & 0x7fffu;  // exponent and mantissa
+    const uint32_t exp = em >> 10;
+    const uint32_t normal = (em << 13) + (112u << 23);  // rebias the exponent: 15 -> 127
+    const uint32_t inf_nan = (em << 13) | 0x7f800000u;
+    const float subnormal = static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f;  // exact
+    const float mag = exp == 0 ? subnormal : bits_to_float(exp == 0x1fu ? inf_nan : normal);
+    return bits_to_float(float_to_bits(mag) | sign);
   }
 };
 
