@@ -1,6 +1,6 @@
 """merge_sample: fused merge + filter + sample, providers side by side.
 
-    python -m benchmarks.bench_merge_sample [--quick] [--headline] [--threads N]
+    python -m benchmarks.bench_merge_sample [--quick] [--headline] [--threads N] [--gpu]
 
 Providers (one run, same inputs):
   torch-reference   ivl.ops.reference.merge_sample, eager (the spec; sorts every row)
@@ -9,7 +9,10 @@ Providers (one run, same inputs):
   torch-idiomatic   what a user would write: base + alpha * w * value[:, map], / T, torch.topk or
                     a sort-based top-p, softmax, torch.multinomial, plus the token's logprob
   ivl-cpu           the native kernel through ivl.merge_sample (backend "cpu")
-  ivl-cuda / ivl-triton   on a GPU machine, when present
+  ivl-cuda / ivl-triton   with --gpu: every provider on CUDA tensors (the reference and the
+                    idiomatic sampler eager on the GPU, no torch-compile), B in {1, 64} at
+                    V = 151,936 and B = 8 at V = 262,144, bf16 and fp32; bandwidth fractions are
+                    of the device's measured read bandwidth
 
 Modes: greedy; temperature 0.7; top-p 0.9; top-k 50; top-k 50 + top-p 0.9; temperature 0.7 with
 remap ("temp+remap": a random partial map from the base vocabulary into a value vocabulary of
@@ -53,7 +56,12 @@ MODES: dict[str, dict] = {
     "temp+remap": dict(temperature=0.7),
     "temp+perm": dict(temperature=0.7),
 }
-HEADLINE = (32, 151936)  # first, so a run cut short still has the target configuration
+HEADLINE = (32, 151936)
+GPU_SIZES = [
+    (64, 151936),
+    (1, 151936),
+    (8, 262144),
+]  # GPU target first: B=64, V=151,936 bf16  # first, so a run cut short still has the target configuration
 SIZES = [HEADLINE] + [
     (b, v) for b in (1, 8, 32, 128) for v in (32000, 151936, 262144) if (b, v) != HEADLINE
 ]
@@ -180,7 +188,7 @@ def idiomatic(base, value, *, alpha, vocab_map=None, fill=0.0, temperature, top_
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
-def timed(fn: Callable[[], object], first: float) -> float:
+def timed(fn: Callable[[], object], first: float, device: str = "cpu") -> float:
     """p50 seconds per call; `first` is the time of a call already made. Providers that take
     seconds per call get one more call (median of the two): the reference at B=128, V=262,144
     runs for tens of seconds."""
@@ -188,10 +196,18 @@ def timed(fn: Callable[[], object], first: float) -> float:
         t0 = time.perf_counter()
         fn()
         return statistics.median([first, time.perf_counter() - t0])
-    return p50(fn, reps=7 if first > 0.05 else 20, warmup=1 if first > 0.05 else 3, min_time=0.3)
+    return p50(
+        fn,
+        reps=7 if first > 0.05 else 20,
+        warmup=1 if first > 0.05 else 3,
+        min_time=0.3,
+        device=device,
+    )
 
 
-def measure(providers: dict, nbytes: int, bw: float, config: dict, cache: dict) -> list[dict]:
+def measure(
+    providers: dict, nbytes: int, bw: float, config: dict, cache: dict, device: str = "cpu"
+) -> list[dict]:
     """Time every provider of one configuration; CSV rows with bandwidth and speed-ups.
 
     The reference's time does not depend on the logit values (it sorts and transforms whole
@@ -210,7 +226,9 @@ def measure(providers: dict, nbytes: int, bw: float, config: dict, cache: dict) 
             continue
         t0 = time.perf_counter()
         fn()
-        times[name] = timed(fn, time.perf_counter() - t0)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times[name] = timed(fn, time.perf_counter() - t0, device)
         if name == "torch-reference":
             cache[ref_key] = times[name]
     ref_t, idi_t = times.get("torch-reference"), times.get("torch-idiomatic")
@@ -261,12 +279,22 @@ def gpu_providers() -> dict[str, Callable]:
 
 
 def bench_config(
-    b: int, v: int, dtype: torch.dtype, data: str, mode: str, compile_skip: str, bw: float, cache
+    b: int,
+    v: int,
+    dtype: torch.dtype,
+    data: str,
+    mode: str,
+    compile_skip: str,
+    bw: float,
+    cache,
+    device: str = "cpu",
 ) -> list[dict]:
     """All providers on one configuration (torch-compile only if compile_skip is empty)."""
     base, value, kw, data = make_inputs(b, v, dtype, mode, data)
     params = MODES[mode]
     seed, step = torch.arange(b), torch.full((b,), 7)
+    if device == "cuda":
+        return bench_config_gpu(b, v, dtype, data, mode, bw, cache, base, value, kw, seed, step)
     providers: dict[str, Callable | str] = {
         "torch-reference": lambda: R.merge_sample(
             base, value, seed=seed, step=step, **kw, **params
@@ -310,6 +338,39 @@ def bench_config(
     return measure(providers, nbytes, bw, config, cache)
 
 
+def bench_config_gpu(b, v, dtype, data, mode, bw, cache, base, value, kw, seed, step):
+    """Every provider on CUDA tensors: the eager reference, the idiomatic sampler, ivl-cuda and
+    ivl-triton (each call synchronised, so times are end to end)."""
+    params = MODES[mode]
+    kw = {k: (tuple(t.cuda() for t in x) if isinstance(x, tuple) else x) for k, x in kw.items()}
+    base, value, seed, step = base.cuda(), value.cuda(), seed.cuda(), step.cuda()
+
+    def synced(fn):
+        def run():
+            out = fn(base, value, seed=seed, step=step, **kw, **params)
+            torch.cuda.synchronize()
+            return out
+
+        return run
+
+    providers: dict[str, Callable | str] = {
+        "torch-reference": synced(R.merge_sample),
+        "torch-compile": "skipped: --gpu",
+        "torch-idiomatic": lambda: (
+            idiomatic(base, value, **kw, **params),
+            torch.cuda.synchronize(),
+        ),
+    }
+    for name, fn in gpu_providers().items():
+        providers[name] = synced(fn)
+    nbytes = base.numel() * base.element_size() + value.numel() * value.element_size()
+    config = dict(
+        op="merge_sample", data=data, mode=mode, B=b, V=v, V_value=value.shape[1],
+        dtype=str(dtype)[6:], threads=torch.get_num_threads(),
+    )  # fmt: skip
+    return measure(providers, nbytes, bw, config, cache, device="cuda")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="B=8, V=32000, fp32, llm data only")
@@ -319,10 +380,16 @@ def main() -> None:
     parser.add_argument("--modes", default=None, help="comma list of modes")
     parser.add_argument("--no-compile", action="store_true", help="skip torch-compile")
     parser.add_argument("--no-csv", action="store_true", help="print only")
+    parser.add_argument("--gpu", action="store_true", help="CUDA tensors: ivl-cuda, ivl-triton")
     args = parser.parse_args()
+    device = "cuda" if args.gpu else "cpu"
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA device (torch.cuda.is_available() is False)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
+    if args.gpu:
+        sizes, dtypes, datas = GPU_SIZES, [torch.bfloat16, torch.float32], ["llm"]
+    elif args.quick:
         sizes, dtypes, datas = [(8, 32000)], [torch.float32], ["llm"]
     else:
         sizes = [HEADLINE] if args.headline else SIZES
@@ -333,8 +400,8 @@ def main() -> None:
     if not _native.AVAILABLE:
         print(f"native extension unavailable ({_native.REASON}): no ivl-cpu rows")
 
-    bw = statistics.median([read_bandwidth() for _ in range(3)])
-    print(f"machine read bandwidth: {bw:.1f} GB/s, torch threads: {torch.get_num_threads()}")
+    bw = statistics.median([read_bandwidth(device=device) for _ in range(3)])
+    print(f"{device} read bandwidth: {bw:.1f} GB/s, torch threads: {torch.get_num_threads()}")
     rows: list[dict] = []
     path = None
     ref_cache: dict[tuple, float] = {}
@@ -343,13 +410,13 @@ def main() -> None:
             for data in datas:
                 for mode in modes:
                     skip = "skipped: --no-compile" if args.no_compile else ""
-                    if (b, v) != HEADLINE and not skip:
+                    if (b, v) != HEADLINE and not skip and not args.gpu:
                         skip = (
                             "skipped: compiling the reference takes ~30 s per shape and mode here "
                             "(graph breaks on its data-dependent validation) and runs no faster "
                             f"than eager; measured at B, V = {HEADLINE} only"
                         )
-                    out = bench_config(b, v, dtype, data, mode, skip, bw, ref_cache)
+                    out = bench_config(b, v, dtype, data, mode, skip, bw, ref_cache, device)
                     if not args.no_csv:  # appended as they come: a long run keeps what it did
                         path = append_csv("merge_sample", out)
                     rows += out

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "ivl/common.h"
 #include "ivl/merge.h"
 
 namespace ivl {
@@ -42,10 +43,10 @@ inline at::Tensor unit_last_stride(const at::Tensor& t) {
 
 // Validated inputs of merge_logits, as the kernels see them.
 struct MergeInputs {
-  at::Tensor base;   // [B, Vb], stride(1) == 1
-  at::Tensor value;  // [B, Vv], stride(1) == 1; undefined when no value network
-  at::Tensor alpha;  // [B] fp32, any stride
-  at::Tensor index;  // [Vb] int64 contiguous; undefined when no map
+  at::Tensor base;    // [B, Vb], stride(1) == 1
+  at::Tensor value;   // [B, Vv], stride(1) == 1; undefined when no value network
+  at::Tensor alpha;   // [B] fp32, any stride
+  at::Tensor index;   // [Vb] int64 contiguous; undefined when no map
   at::Tensor weight;  // [Vb] fp32 contiguous; undefined when no map
   MergeParams params;
   int64_t rows, cols;  // B, Vb
@@ -56,8 +57,7 @@ inline MergeInputs check_merge_inputs(const at::Tensor& base,
                                       const at::Tensor& alpha,
                                       const std::optional<at::Tensor>& map_index,
                                       const std::optional<at::Tensor>& map_weight, double fill,
-                                      int64_t vocab_limit,
-                                      const char* op = "ivl::merge_logits") {
+                                      int64_t vocab_limit, const char* op = "ivl::merge_logits") {
   TORCH_CHECK(base.dim() == 2, op, ": base must be 2-D [batch, vocab], got shape ", base.sizes(),
               "; reshape logits to [-1, vocab] (e.g. logits[:, -1, :] for the last position)");
   TORCH_CHECK(is_float_logits(base.scalar_type()), op,
@@ -74,8 +74,8 @@ inline MergeInputs check_merge_inputs(const at::Tensor& base,
   TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == B, op, ": alpha must have shape [", B,
               "] (one value per row of base), got ", alpha.sizes(),
               "; for a scalar use torch.full((B,), a, dtype=torch.float32)");
-  TORCH_CHECK(alpha.device() == dev, op, ": alpha is on ", alpha.device(), " but base is on ",
-              dev, "; move it with alpha.to(base.device)");
+  TORCH_CHECK(alpha.device() == dev, op, ": alpha is on ", alpha.device(), " but base is on ", dev,
+              "; move it with alpha.to(base.device)");
   in.alpha = alpha;
 
   TORCH_CHECK(0 <= vocab_limit && vocab_limit <= Vb, op, ": vocab_limit must be in [0, ", Vb,
@@ -143,11 +143,51 @@ inline void check_philox_inputs(const at::Tensor& seed, const at::Tensor& step, 
               ": seed and step must be int64, got ", seed.scalar_type(), " and ",
               step.scalar_type());
   TORCH_CHECK(seed.dim() == 1 && step.dim() == 1 && seed.size(0) == step.size(0), op,
-              ": seed and step must both have shape [B] (one per row), got ", seed.sizes(),
-              " and ", step.sizes());
+              ": seed and step must both have shape [B] (one per row), got ", seed.sizes(), " and ",
+              step.sizes());
   TORCH_CHECK(seed.device() == step.device(), op, ": seed is on ", seed.device(),
               " but step is on ", step.device());
   TORCH_CHECK(vocab >= 0, op, ": vocab must be >= 0, got ", vocab);
+}
+
+// torch's 16-bit float types -> the framework-free storage types with the same bits.
+template <typename T>
+struct Storage {
+  using type = T;
+};
+template <>
+struct Storage<c10::BFloat16> {
+  using type = bf16;
+};
+template <>
+struct Storage<c10::Half> {
+  using type = fp16;
+};
+static_assert(sizeof(bf16) == sizeof(c10::BFloat16) && sizeof(fp16) == sizeof(c10::Half));
+
+// Calls f(TB{}, TV{}) with the framework-free storage types of base and value.
+template <typename F>
+void dispatch_pair(const MergeInputs& in, const char* op, F&& f) {
+  dispatch_float(in.base.scalar_type(), op, "base", [&](auto tb) {
+    using TB = typename Storage<decltype(tb)>::type;
+    if (!in.value.defined()) return f(TB{}, float{});
+    dispatch_float(in.value.scalar_type(), op, "value", [&](auto tv) {
+      using TV = typename Storage<decltype(tv)>::type;
+      f(TB{}, TV{});
+    });
+  });
+}
+
+// A [B] per-row parameter of merge_sample (the sampling settings, seed, step).
+inline void check_param(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t rows,
+                        const at::Device& dev) {
+  constexpr const char* op = "ivl::merge_sample";
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must have shape [", rows,
+              "] (one value per row), got ", t.sizes(),
+              "; for a scalar use torch.full((B,), x) or ivl.ops.merge_sample");
+  TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but base is on ", dev);
 }
 
 }  // namespace ivl

@@ -23,8 +23,8 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
-#include <utility>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "ivl/sample.h"
@@ -39,21 +39,6 @@ using cpu::kPart;
 // Scratch floats held for the merged rows of one wave of filtered rows in the (row, part)
 // schedule (~8 MB: L3-sized).
 constexpr int64_t kWaveFloats = int64_t(1) << 21;
-
-// torch's 16-bit float types -> the framework-free storage types with the same bits.
-template <typename T>
-struct Storage {
-  using type = T;
-};
-template <>
-struct Storage<c10::BFloat16> {
-  using type = bf16;
-};
-template <>
-struct Storage<c10::Half> {
-  using type = fp16;
-};
-static_assert(sizeof(bf16) == sizeof(c10::BFloat16) && sizeof(fp16) == sizeof(c10::Half));
 
 // A growable scratch buffer owned by the calling thread, reused across calls (no page faults
 // from a fresh multi-MB allocation per decode step).
@@ -72,17 +57,6 @@ cpu::Workspace& thread_workspace() {
 template <typename T>
 T param_at(const at::Tensor& t, int64_t r) {
   return t.data_ptr<T>()[r * t.stride(0)];
-}
-
-void check_param(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t rows,
-                 const at::Device& dev) {
-  constexpr const char* op = "ivl::merge_sample";
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must have shape [", rows,
-              "] (one value per row), got ", t.sizes(),
-              "; for a scalar use torch.full((B,), x) or ivl.ops.merge_sample");
-  TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but base is on ", dev);
 }
 
 // Everything the row loops need, with the storage types erased to raw bytes.
@@ -115,21 +89,8 @@ cpu::SpanArgs<TB, TV> span_args(const Rows& x, int64_t r) {
   const TB* base = reinterpret_cast<const TB*>(x.base) + r * x.base_stride;
   const TV* value =
       x.value != nullptr ? reinterpret_cast<const TV*>(x.value) + r * x.value_stride : nullptr;
-  return cpu::SpanArgs<TB, TV>{base,    value, x.alpha[r * x.alpha_stride], &x.merge, nullptr,
-                               false,   nullptr};
-}
-
-// Calls f(TB{}, TV{}) with the framework-free storage types of base and value.
-template <typename F>
-void dispatch_pair(const MergeInputs& in, const char* op, F&& f) {
-  dispatch_float(in.base.scalar_type(), op, "base", [&](auto tb) {
-    using TB = typename Storage<decltype(tb)>::type;
-    if (!in.value.defined()) return f(TB{}, float{});
-    dispatch_float(in.value.scalar_type(), op, "value", [&](auto tv) {
-      using TV = typename Storage<decltype(tv)>::type;
-      f(TB{}, TV{});
-    });
-  });
+  return cpu::SpanArgs<TB, TV>{base,  value,  x.alpha[r * x.alpha_stride], &x.merge, nullptr,
+                               false, nullptr};
 }
 
 // Whether every thread can take whole rows: enough rows to share out evenly, or rows too short
@@ -282,8 +243,8 @@ std::tuple<at::Tensor, at::Tensor> merge_sample_cpu(
     const at::Tensor& top_p, const at::Tensor& min_p, const at::Tensor& seed,
     const at::Tensor& step, bool want_logprobs) {
   constexpr const char* op = "ivl::merge_sample";
-  MergeInputs in = check_merge_inputs(base, value, alpha, map_index, map_weight, fill,
-                                      vocab_limit, op);
+  MergeInputs in =
+      check_merge_inputs(base, value, alpha, map_index, map_weight, fill, vocab_limit, op);
   if (in.value.defined() && in.index.defined()) check_map_range(in.index, in.params.value_cols, op);
   const int64_t B = in.rows;
   const auto dev = base.device();
@@ -294,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> merge_sample_cpu(
   check_param(seed, "seed", at::kLong, B, dev);
   check_param(step, "step", at::kLong, B, dev);
 
-  at::Tensor tokens = at::empty({B}, base.options().dtype(at::kLong));      // [B]
+  at::Tensor tokens = at::empty({B}, base.options().dtype(at::kLong));     // [B]
   at::Tensor logprobs = at::empty({B}, base.options().dtype(at::kFloat));  // [B]
   if (B == 0) return {tokens, logprobs};
   std::vector<SampleRow> params(B);
@@ -370,8 +331,8 @@ at::Tensor merged_log_softmax_cpu(const at::Tensor& base, const std::optional<at
                                   const std::optional<at::Tensor>& map_weight, double fill,
                                   int64_t vocab_limit) {
   constexpr const char* op = "ivl::merged_log_softmax";
-  MergeInputs in = check_merge_inputs(base, value, alpha, map_index, map_weight, fill,
-                                      vocab_limit, op);
+  MergeInputs in =
+      check_merge_inputs(base, value, alpha, map_index, map_weight, fill, vocab_limit, op);
   if (in.value.defined() && in.index.defined()) check_map_range(in.index, in.params.value_cols, op);
   at::Tensor out = at::empty({in.rows, in.cols}, base.options().dtype(at::kFloat));  // [B, Vb]
   if (out.numel() == 0) return out;

@@ -53,11 +53,6 @@ def _native_merged_log_softmax(
     return _native.merged_log_softmax(base, value, a, index, weight, float(fill), vocab_limit)
 
 
-def _native_merge_then_log_softmax(base: torch.Tensor, value: torch.Tensor | None, **kw: Any):
-    # CUDA has a native merge but no fused log-softmax kernel yet: merge natively, then torch.
-    return torch.log_softmax(_native_merge_logits(base, value, **kw), dim=-1)
-
-
 def _native_merge_sample(
     base: torch.Tensor,
     value: torch.Tensor | None,
@@ -111,8 +106,9 @@ for _name in ("merge_logits", "merge_sample", "merged_log_softmax"):
 backend.register("merge_logits", "cpu", _native_merge_logits)
 backend.register("merge_logits", "cuda", _native_merge_logits)
 backend.register("merged_log_softmax", "cpu", _native_merged_log_softmax)
-backend.register("merged_log_softmax", "cuda", _native_merge_then_log_softmax)
+backend.register("merged_log_softmax", "cuda", _native_merged_log_softmax)
 backend.register("merge_sample", "cpu", _native_merge_sample)
+backend.register("merge_sample", "cuda", _native_merge_sample)
 
 
 def _triton(name: str):

@@ -19,7 +19,7 @@
 
 namespace ivl {
 
-constexpr int64_t kInvalidToken = -1;       // token of a row with no distribution
+constexpr int64_t kInvalidToken = -1;           // token of a row with no distribution
 constexpr float kOneBelowOne = 0x1.fffffep-1f;  // 1 - 2^-24: keeps every Gumbel draw finite
 constexpr float kLog2e = 1.44269504088896341f;
 
