@@ -89,6 +89,54 @@ def test_chunked_matches_naive(pair, masked, lam, chunk):
     assert parts.n_penalty == (parts.n_ce if masked else int(mask.sum()))
 
 
+def test_backward_scaled_and_once():
+    """Upstream gradients other than 1 scale the gradients; a second backward is refused."""
+    g = torch.Generator().manual_seed(6)
+    hb = torch.randn(2, 5, 8, generator=g)
+    hv = torch.randn(2, 5, 6, generator=g, requires_grad=True)
+    wb = torch.randn(40, 8, generator=g)
+    wv = torch.randn(40, 6, generator=g, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 5), generator=g)
+    loss, _ = merged_loss(hb, wb, hv, wv, labels, chunk_size=3)
+    want = torch.autograd.grad(loss, (hv, wv), retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        loss.backward()
+    loss, _ = merged_loss(hb, wb, hv, wv, labels, chunk_size=3)
+    got = torch.autograd.grad(3 * loss, (hv, wv))
+    torch.testing.assert_close(got[0], 3 * want[0])
+    torch.testing.assert_close(got[1], 3 * want[1])
+    loss, _ = merged_loss(hb, wb, hv, wv, labels, chunk_size=3)
+    (loss + loss.detach()).backward()  # grad 1 through a sum: buffers handed over as they are
+    torch.testing.assert_close(hv.grad, want[0])
+    torch.testing.assert_close(wv.grad, want[1])
+
+
+def test_chunked_loss_never_holds_full_logits():
+    """Peak allocation (torch CPU allocator, via the profiler) stays far below one [N, V] tensor."""
+    from benchmarks.bench_train import peak_alloc_mb
+
+    n, v, d, chunk = 512, 32768, 8, 32
+    g = torch.Generator().manual_seed(7)
+    hb = torch.randn(1, n, d, generator=g)
+    hv = torch.randn(1, n, d, generator=g, requires_grad=True)
+    wb = torch.randn(v, d, generator=g)
+    wv = torch.randn(v, d, generator=g, requires_grad=True)
+    labels = torch.randint(0, v, (1, n), generator=g)
+    full = n * v * 4 / 2**20  # one fp32 [N, V] tensor: 64 MiB
+
+    def chunked():
+        merged_loss(hb, wb, hv, wv, labels, chunk_size=chunk)[0].backward()
+
+    def naive():
+        naive_merged_loss(hb @ wb.t(), hv @ wv.t(), labels).backward()
+
+    peak_naive = peak_alloc_mb(naive)
+    peak_chunked = peak_alloc_mb(chunked)
+    assert peak_naive >= 2 * full  # the probe sees the two logit tensors of the naive loss
+    # grads of hv and wv (1 MiB) + a few [chunk, V] fp32 buffers (4 MiB each)
+    assert peak_chunked < full / 2, (peak_chunked, peak_naive)
+
+
 def test_masked_and_unmasked_penalty_differ():
     g = torch.Generator().manual_seed(3)
     hb, hv = torch.randn(2, 6, 8, generator=g), torch.randn(2, 6, 8, generator=g)
@@ -195,6 +243,14 @@ def test_bad_data_errors(tmp_path, gpt2_tok):
         "{not json": "line 2 .*invalid JSON",
         json.dumps({"messages": [{"role": "user", "content": "x"}]}): "line 2 .*no assistant",
         json.dumps({"messages": [{"role": "bot", "content": "x"}]}): "line 2 .*role 'bot'",
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "assistant", "content": " "},
+                ]
+            }
+        ): "line 2 .*every assistant turn is empty",
     }
     for line, pattern in cases.items():
         path.write_text(good + "\n" + line + "\n")

@@ -114,7 +114,65 @@ def test_early_errors(base_dir, tmp_path):
         train_value(str(base_dir), str(other), RECS, _cfg(tmp_path / "a"))
     with pytest.raises(ValueError, match="item 1: missing field"):
         train_value(str(base_dir), "random", [RECS[0], {"prompt": "x"}], _cfg(tmp_path / "b"))
-    with pytest.raises(ValueError, match="first-5-layers: the model has 2 layers"):
+    with pytest.raises(ValueError, match="5 layers requested: the model has 2 layers"):
         train_value(str(base_dir), "first-5-layers", RECS, _cfg(tmp_path / "c"))
     with pytest.raises(ValueError, match="unknown scheme"):
         train_value(str(base_dir), "random", RECS, _cfg(tmp_path / "d", scheme="nope"))
+
+
+def test_random_n_layers_value(base_dir):
+    from ivl.models.loading import load_model
+    from ivl.train.trainer import build_value
+
+    base = load_model(str(base_dir))
+    a = build_value("random-1-layers", base, str(base_dir), seed=7)
+    b = build_value("random-1-layers", base, str(base_dir), seed=7)
+    c = build_value("random-1-layers", base, str(base_dir), seed=8)
+    assert a.config.num_hidden_layers == 1 and base.config.num_hidden_layers == 2
+    emb = "model.embed_tokens.weight"
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # a function of the seed alone
+    assert not torch.equal(sa[emb], sc[emb])
+    assert not torch.equal(sa[emb], base.state_dict()[emb])  # fresh, not copied from the base
+    with pytest.raises(ValueError, match="3 layers requested: the model has 2 layers"):
+        build_value("random-3-layers", base, str(base_dir))
+
+
+def _encoder_decoder_folder(path):
+    """A tiny T5 (encoder-decoder: not a causal LM) with a tokenizer."""
+    from transformers import T5Config, T5Model
+
+    from ivl.models.tiny import load_real_tokenizer
+
+    tok = load_real_tokenizer("gpt2")
+    cfg = T5Config(vocab_size=len(tok), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    model = T5Model(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
+
+
+def test_not_a_causal_lm_fails_before_any_work(base_dir, tmp_path):
+    t5, tok = _encoder_decoder_folder(tmp_path / "t5")
+    consumed = []
+
+    def records():  # the data must not even be read
+        consumed.append(1)
+        yield from RECS
+
+    with pytest.raises(ValueError, match=r"base: .*'t5' model .*not a causal language model"):
+        train_value(str(tmp_path / "t5"), "random", records(), _cfg(tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"base: T5Model is not a causal LM"):
+        train_value(t5, "random", records(), _cfg(tmp_path / "b"), tokenizer=tok)
+    with pytest.raises(ValueError, match=r"value_init: .*not a causal language model"):
+        train_value(str(base_dir), str(tmp_path / "t5"), records(), _cfg(tmp_path / "c"))
+    assert not consumed
+
+
+def test_all_masked_record_fails_before_models_load(tmp_path):
+    # A base folder whose weights cannot be read: reaching the model load would fail differently.
+    base = save_tiny(tmp_path / "b", "llama", "gpt2", seed=1)
+    (base / "model.safetensors").write_bytes(b"not safetensors")
+    recs = [RECS[0], {"prompt": "word " * 60, "response": "x"}]
+    with pytest.raises(ValueError, match=r"item 1: no supervised .*after truncation"):
+        train_value(str(base), "random", recs, _cfg(tmp_path / "o", max_length=16))

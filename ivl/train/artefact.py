@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ivl._fs import atomic_write_text
+
 IVL_JSON = "ivl.json"
 FORMAT = 1
 
@@ -27,11 +29,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def write_ivl_json(folder: str | os.PathLike[str], meta: dict[str, Any]) -> Path:
-    path = Path(folder) / IVL_JSON
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
+    text = json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True) + "\n"
+    return atomic_write_text(Path(folder) / IVL_JSON, text)
 
 
 def read_ivl_json(folder: str | os.PathLike[str]) -> dict[str, Any]:

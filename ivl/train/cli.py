@@ -31,6 +31,8 @@ def _init_distributed() -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import os
+
     from ivl.train.trainer import TrainConfig, train_value
 
     _init_distributed()
@@ -47,6 +49,9 @@ def _train(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm,
         bf16=args.bf16,
         base_dtype=args.base_dtype,
+        device=args.device,
+        # `accelerate launch` with an FSDP config (examples/accelerate/fsdp.yaml) sets this
+        shard_base=args.shard_base or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true",
         seed=args.seed,
         lam=args.lam,
         masked=args.masked,
@@ -64,7 +69,8 @@ def _train(args: argparse.Namespace) -> int:
     )
     value_init = args.value_init or args.base
     out = train_value(args.base, value_init, args.data, cfg)
-    print(out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(out)
     return 0
 
 
@@ -82,8 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--value-init",
         default=None,
-        help="zoo name / HF folder, 'random', 'first-N-layers' or 'first-N-layers:MODEL' "
-        "(default: the base checkpoint)",
+        help="zoo name / HF folder, 'random', 'random-N-layers', 'first-N-layers' or "
+        "'first-N-layers:MODEL' (default: the base checkpoint)",
     )
     p.add_argument(
         "--data",
@@ -105,6 +111,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for compute")
     g.add_argument("--base-dtype", default=None, help="e.g. bfloat16 (default: as stored)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    g.add_argument(
+        "--shard-base",
+        action="store_true",
+        help="with several processes: shard the frozen base's layers (FSDP2); on by default "
+        "under accelerate launch with an FSDP config",
+    )
     g = p.add_argument_group("loss")
     g.add_argument("--lam", type=float, default=1.0, help="norm penalty weight")
     g.add_argument("--masked", action="store_true", help="penalty over supervised positions only")

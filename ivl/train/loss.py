@@ -104,9 +104,16 @@ class _ChunkedMergedLoss(torch.autograd.Function):
                 t = targets[r]
                 has_t = t != IGNORE_INDEX
                 t0 = torch.where(has_t, t, 0)
-                lse = torch.logsumexp(z, dim=-1)
-                ce = torch.where(has_t, lse - z.gather(1, t0[:, None]).squeeze(1), 0.0)
-                absmean = zv.abs().sum(-1)  # times 1/V is folded into pen_w
+                z_t = z.gather(1, t0[:, None]).squeeze(1)
+                # logsumexp by hand: exp(z - max) is kept and becomes softmax(z) for the gradient
+                # (one exp pass and no [C, V] temporary besides z and zv)
+                zmax = z.amax(dim=-1)
+                z.sub_(zmax[:, None]).exp_()
+                sumexp = z.sum(-1)
+                lse = zmax + sumexp.log()
+                ce = torch.where(has_t, lse - z_t, 0.0)
+                # sum_v |zv| without an abs() temporary; times 1/V is folded into pen_w
+                absmean = torch.linalg.vector_norm(zv, ord=1, dim=-1)
                 cw, pw = ce_w[r], pen_w[r]
                 total += (ce * cw).sum().double() + (absmean * pw).sum().double()
                 ce_sum += ce.sum().double()
@@ -114,31 +121,46 @@ class _ChunkedMergedLoss(torch.autograd.Function):
                 if not need_grad:
                     continue
                 # d loss / d zv = cw * (softmax(z) - onehot(t)) + pw * sign(zv)
-                g = z.sub_(lse[:, None]).exp_().mul_(cw[:, None])
+                g = z.mul_((cw / sumexp)[:, None])
                 g.scatter_add_(1, t0[:, None], -(cw * has_t)[:, None])
-                g.add_(torch.sign(zv).mul_(pw[:, None]))
-                if cap_v:
-                    g.mul_(1 - (zv / cap_v) ** 2)
-                del zv
+                dcap = 1 - (zv / cap_v) ** 2 if cap_v else None
+                g.add_(zv.sign_().mul_(pw[:, None]))  # zv is not needed any more
+                if dcap is not None:
+                    g.mul_(dcap)
+                del zv, dcap
                 gc = g.to(hv.dtype)
                 grad_h[r] = (gc @ w_value.to(hv.dtype)).to(grad_h.dtype)
                 grad_w.addmm_(gc.t(), hv)
                 if grad_b is not None:
                     grad_b += g.sum(0)
         ctx.w_dtype = w_value.dtype
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        # Not save_for_backward: backward hands these buffers over and drops them (no copy).
+        ctx.grads = (grad_h, grad_w, grad_b)
         ctx.mark_non_differentiable(ce_sum, pen_sum)
         return total.float(), ce_sum, pen_sum
 
     @staticmethod
     def backward(ctx, grad_total, _g1, _g2):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError(
+                "merged_loss supports one backward pass per forward (its gradients are computed "
+                "in the forward and handed over); compute the loss again instead of retain_graph"
+            )
+        grad_h, grad_w, grad_b = ctx.grads
+        ctx.grads = None
+        # The usual case (loss.backward() on this loss alone): hand the buffers over as they are;
+        # scaling would allocate a second V x D weight gradient.
+        one = bool(grad_total == 1)
+
+        def scale(g, dtype):
+            return (g if one else g * grad_total.to(g.dtype)).to(dtype)
+
         out = [None] * 11
         if grad_h is not None:
-            out[2] = grad_h * grad_total.to(grad_h.dtype)
-            out[3] = (grad_w * grad_total).to(ctx.w_dtype)
+            out[2] = scale(grad_h, grad_h.dtype)
+            out[3] = scale(grad_w, ctx.w_dtype)
         if grad_b is not None:
-            out[4] = (grad_b * grad_total).to(ctx.w_dtype)
+            out[4] = scale(grad_b, ctx.w_dtype)
         return tuple(out)
 
 

@@ -51,6 +51,7 @@ logger = logging.getLogger("ivl")
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 _FIRST_N = re.compile(r"^first-(\d+)-layers(?::(.+))?$")
+_RANDOM_N = re.compile(r"^random-(\d+)-layers$")
 
 
 @dataclass
@@ -70,6 +71,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     bf16: bool = False  # autocast value (and base) compute to bf16
     base_dtype: str | None = None  # e.g. "bfloat16"; default: the dtype stored in the folder
+    device: str | None = None  # default: cuda (cuda:LOCAL_RANK) when available, else cpu
+    shard_base: bool = False  # multi-process: FSDP2-shard the frozen base's decoder layers
     seed: int = 0
     # loss
     lam: float = 1.0
@@ -131,6 +134,61 @@ def check_writable(out: Path) -> None:
         raise PermissionError(f"output folder {out} is not writable: {e.strerror or e}") from None
 
 
+def _default_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def shard_frozen_base(model, device: torch.device) -> None:
+    """Shard each decoder layer of the frozen base over all processes (FSDP2 ``fully_shard``).
+
+    Every process then holds 1/world_size of the decoder layers' weights; a layer's weights are
+    all-gathered for its forward and freed right after. The embeddings, final norm and LM head
+    stay whole on every process (the chunked loss reads the head directly). The base is
+    frozen and run under ``no_grad``, so sharding needs all-gathers only.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(
+            f"shard_base needs a llama/qwen2-style model (model.model.layers); "
+            f"{type(model).__name__} has none"
+        )
+    mesh = init_device_mesh(device.type, (_dist()[1],))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    model.to(device)  # the parts left whole; sharded layers are already on the mesh's device
+    logger.info(
+        "base: %d decoder layers sharded over %d processes (FSDP2)", len(layers), mesh.size()
+    )
+
+
+def _check_causal_lm_source(source, what: str) -> None:
+    """Raise ValueError if ``source`` (a loaded model, zoo name or folder) is not a causal LM.
+
+    Folders are judged by their config alone, so nothing heavy is loaded yet.
+    """
+    from ivl.models.loading import _check_causal_lm, _resolve
+
+    if isinstance(source, torch.nn.Module):
+        try:
+            schemes.head_of(source)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        return
+    path, entry = _resolve(source)
+    if entry is None:  # zoo entries are causal LMs by construction
+        try:
+            _check_causal_lm(path, False)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+
+
 def _dtype(name):
     if name is None or isinstance(name, torch.dtype):
         return name
@@ -156,10 +214,12 @@ def build_value(value_init, base, base_source, *, seed: int = 0):
     if isinstance(value_init, torch.nn.Module):
         return value_init.float()
     spec = os.fspath(value_init)
-    if spec == "random":
+    m = _RANDOM_N.match(spec)
+    if spec == "random" or m:
+        cfg = base.config if m is None else _cut_config(base, int(m.group(1)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return AutoModelForCausalLM.from_config(base.config).float()
+            return AutoModelForCausalLM.from_config(cfg).float()
     m = _FIRST_N.match(spec)
     if m:
         n = int(m.group(1))
@@ -170,23 +230,28 @@ def build_value(value_init, base, base_source, *, seed: int = 0):
     return load_model(value_init, dtype=torch.float32)
 
 
-def truncate_layers(model, n: int):
-    """A new fp32 model with the first ``n`` decoder layers (+ embeddings, final norm, head)."""
-    from transformers import AutoModelForCausalLM
-
+def _cut_config(model, n: int):
+    """A copy of ``model``'s config with only the first ``n`` decoder layers."""
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
         raise ValueError(
-            f"first-N-layers needs a llama/qwen2-style model (model.model.layers); "
-            f"{type(model).__name__} has none"
+            f"first-N-layers / random-N-layers need a llama/qwen2-style model "
+            f"(model.model.layers); {type(model).__name__} has none"
         )
     if not 1 <= n <= len(layers):
-        raise ValueError(f"first-{n}-layers: the model has {len(layers)} layers")
+        raise ValueError(f"{n} layers requested: the model has {len(layers)} layers")
     cfg = model.config.__class__.from_dict(model.config.to_dict())
     cfg.num_hidden_layers = n
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = list(cfg.layer_types)[:n]
-    small = AutoModelForCausalLM.from_config(cfg).float()
+    return cfg
+
+
+def truncate_layers(model, n: int):
+    """A new fp32 model with the first ``n`` decoder layers (+ embeddings, final norm, head)."""
+    from transformers import AutoModelForCausalLM
+
+    small = AutoModelForCausalLM.from_config(_cut_config(model, n)).float()
     src = model.state_dict()
     want = small.state_dict()
     missing = [k for k in want if k not in src]
@@ -401,7 +466,9 @@ def train_value(
         A pretrained checkpoint (zoo name or folder; must use the base's tokenizer),
         ``"random"`` (the base's config, freshly initialised from ``config.seed``),
         ``"first-N-layers"`` (the first N decoder layers of the base, with its embeddings, final
-        norm and head) or ``"first-N-layers:NAME_OR_PATH"`` (the same from another checkpoint).
+        norm and head), ``"first-N-layers:NAME_OR_PATH"`` (the same from another checkpoint) or
+        ``"random-N-layers"`` (the base's config cut to N layers, freshly initialised: a small
+        value network whose logits start near 0, so the merged model starts near the base).
     data_source : str, path or iterable of dicts
         A JSONL file (see :mod:`ivl.train.data`), a built-in recipe (``"gsm-symbolic"``,
         ``"sharegpt"``; see :mod:`ivl.train.recipes`) or any iterable of records (e.g. a HF
@@ -439,14 +506,23 @@ def train_value(
             (out / METRICS).unlink(missing_ok=True)
     _barrier()
 
-    # Tokenizers and data first: every data error surfaces before any model is loaded.
+    # Cheap checks first (configs, tokenizers, data): every such error surfaces before any
+    # weights are loaded or training starts.
+    _check_causal_lm_source(base, "base")
     if tokenizer is None:
         if isinstance(base, torch.nn.Module):
             raise ValueError("pass tokenizer= when base is a loaded model")
         tokenizer = load_tokenizer(base)
     tok_fp = artefact.tokenizer_fingerprint(tokenizer)
     vi = value_init if isinstance(value_init, torch.nn.Module) else os.fspath(value_init)
-    pretrained_value = isinstance(vi, str) and vi != "random" and not _FIRST_N.match(vi)
+    pretrained_value = (
+        isinstance(vi, str)
+        and vi != "random"
+        and not _FIRST_N.match(vi)
+        and not _RANDOM_N.match(vi)
+    )
+    if pretrained_value:
+        _check_causal_lm_source(vi, "value_init")
     if pretrained_value and (isinstance(base, torch.nn.Module) or vi != _name(base)):
         vfp = artefact.tokenizer_fingerprint(load_tokenizer(vi))
         if vfp != tok_fp:
@@ -459,19 +535,27 @@ def train_value(
     data_fp = data.fingerprint(train_exs)
     logger.info("data: %d training / %d held-out examples", len(train_exs), len(eval_exs))
 
-    # Models.
+    # Models (loaded on the CPU, then moved: the value may be cut from the base's weights).
     if isinstance(base, torch.nn.Module):
         base_model = base
+        device = torch.device(cfg.device) if cfg.device else next(base.parameters()).device
     else:
         base_model = load_model(base, dtype=_dtype(cfg.base_dtype))
+        device = _default_device(cfg.device)
     schemes.head_of(base_model)  # a causal LM?
     if cfg.base_dtype is not None:
         base_model = base_model.to(_dtype(cfg.base_dtype))
     base_model.eval().requires_grad_(False)
     value = build_value(value_init, base_model, base, seed=cfg.seed)
     schemes.head_of(value)
-    value.to(next(base_model.parameters()).device).train()
+    value.to(device).train()
     value.requires_grad_(True)
+    if cfg.shard_base and world > 1:
+        shard_frozen_base(base_model, device)
+    else:
+        if cfg.shard_base:
+            logger.info("shard_base ignored: a single process holds the whole base")
+        base_model.to(device)
     v_b = base_model.get_output_embeddings().weight.shape[0]
     v_v = value.get_output_embeddings().weight.shape[0]
     if v_b != v_v:
