@@ -27,6 +27,14 @@ simple and exact, at the price of full-length memory for those layers.
 for proxy-tuning expert / anti-expert), the per-slot lengths, and the masks, and it moves rows
 between slots in all caches at once, so a request occupies the same slot and positions in every
 model.
+
+A value model with another tokenizer (the cross-vocabulary bridge, ivl.engine.bridge) reads the
+same text in its own tokens, so its positions differ from the base's: such a model is *unaligned*
+and keeps its own per-slot lengths. Rolling it back is :meth:`PairedKVCache.crop` (a length
+change: stale columns are overwritten by the next writes and never attended to before that), and
+:meth:`PairedKVCache.extend` feeds a different number of new tokens to each row in one forward
+(rows padded to the longest; padded queries repeat the row's last real position and write their
+K/V into a scratch column past the usable ones, which no real query can see).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ class _Plan:
     slot: int = 0
     start: int = 0
     n: int = 0
-    pos: torch.Tensor | None = None  # [n] int64 (decode)
+    pos: torch.Tensor | None = None  # [n] int64 (decode); [n, K] write columns (extend)
     kv_len: int = 0
 
 
@@ -83,6 +91,12 @@ class _SlotLayer(CacheLayerMixin):
             rows = torch.arange(p.n, device=self.device)
             self.keys[rows, :, p.pos] = key_states[:, :, 0]
             self.values[rows, :, p.pos] = value_states[:, :, 0]
+            return self.keys[: p.n, :, : p.kv_len], self.values[: p.n, :, : p.kv_len]
+        if p.mode == "extend":
+            rows = torch.arange(p.n, device=self.device)[:, None]  # [n, 1]
+            # keys[rows, :, pos] is [n, K, heads, dim]; the new states are [n, heads, K, dim]
+            self.keys[rows, :, p.pos] = key_states.transpose(1, 2)
+            self.values[rows, :, p.pos] = value_states.transpose(1, 2)
             return self.keys[: p.n, :, : p.kv_len], self.values[: p.n, :, : p.kv_len]
         raise RuntimeError("SlotCache used outside PairedKVCache.prefill/decode")
 
@@ -159,18 +173,27 @@ class PairedKVCache:
         Number of slots (concurrent requests).
     max_len : int
         Columns per slot: a request's prompt + generated tokens (minus the last) must fit.
+    unaligned : dict name -> columns, optional
+        Models that keep their own per-slot lengths (a value model reading another
+        tokenization), with their usable columns per slot; one more scratch column is allocated.
     """
 
-    def __init__(self, models: dict, max_batch: int, max_len: int):
+    def __init__(self, models: dict, max_batch: int, max_len: int, unaligned: dict | None = None):
         if max_batch < 1 or max_len < 1:
             raise ValueError(f"max_batch and max_len must be >= 1, got {max_batch}, {max_len}")
         self.models = dict(models)
         self.max_batch, self.max_len = max_batch, max_len
         self._plan = _Plan()
+        unaligned = dict(unaligned or {})
+        self.columns = {name: int(unaligned.get(name, max_len)) for name in self.models}
         self.caches = {
-            name: SlotCache(_num_layers(m), self._plan, max_batch, max_len)
+            name: SlotCache(
+                _num_layers(m), self._plan, max_batch, self.columns[name] + (name in unaligned)
+            )
             for name, m in self.models.items()
         }
+        # per-slot lengths of the unaligned models (the others share ``lengths``)
+        self.own_lengths = {name: [0] * max_batch for name in unaligned}
         self._types = {name: _layer_types(m) for name, m in self.models.items()}
         for m in self.models.values():
             check_attention_impl(m)
@@ -229,9 +252,10 @@ class PairedKVCache:
         """
         x = input_ids if input_ids is not None else inputs_embeds
         length = x.shape[0]
-        if start + length > self.max_len:
+        if start + length > self.columns[name]:
             raise ValueError(
-                f"{start + length} tokens do not fit in the cache ({self.max_len} columns)"
+                f"{start + length} tokens do not fit in the {name} cache "
+                f"({self.columns[name]} columns)"
             )
         dev = self._device(name)
         pos = torch.arange(start, start + length, device=dev)[None]  # [1, L]
@@ -285,9 +309,68 @@ class PairedKVCache:
         return out.logits[:, -1]
 
     def commit(self, n: int) -> None:
-        """All models have consumed this step's token for slots 0..n-1."""
+        """All aligned models have consumed this step's token for slots 0..n-1."""
         for s in range(n):
             self.lengths[s] += 1
+
+    def length(self, name: str, slot: int) -> int:
+        """Tokens of ``name`` cached in ``slot``."""
+        own = self.own_lengths.get(name)
+        return own[slot] if own is not None else self.lengths[slot]
+
+    def crop(self, name: str, slot: int, length: int) -> None:
+        """Roll an unaligned model's slot back (or set it after a prefill) to ``length`` tokens."""
+        if not 0 <= length <= self.columns[name]:
+            raise ValueError(f"cannot set {name} slot {slot} to {length} tokens")
+        self.own_lengths[name][slot] = length
+
+    def extend(self, name: str, n: int, input_ids: list[list[int]]) -> torch.Tensor:
+        """Feed ``input_ids[r]`` (>= 1 tokens, counts may differ) to row r of an unaligned model.
+
+        Tokens go to columns ``length(name, r) ...``; lengths advance at once. Returns the logits
+        of each row's last new token, [n, V]. Rows must fit: see :meth:`fits`.
+        """
+        dev = self._device(name)
+        lengths = self.own_lengths[name][:n]
+        counts = [len(x) for x in input_ids[:n]]
+        if min(counts) < 1:
+            raise ValueError("every row needs at least one new token")
+        width, scratch = max(counts), self.columns[name]
+        if max(ln + c for ln, c in zip(lengths, counts, strict=True)) > scratch:
+            raise RuntimeError(f"a {name} slot is full; the scheduler must finish it first")
+        ids = torch.zeros((n, width), dtype=torch.int64)
+        qpos = torch.empty((n, width), dtype=torch.int64)
+        wpos = torch.full((n, width), scratch, dtype=torch.int64)
+        for r, (row, ln, c) in enumerate(zip(input_ids, lengths, counts, strict=False)):
+            ids[r, :c] = torch.as_tensor(row, dtype=torch.int64)
+            qpos[r, :c] = torch.arange(ln, ln + c)
+            qpos[r, c:] = ln + c - 1  # padding: a copy of the last real query
+            wpos[r, :c] = qpos[r, :c]
+        kv_len = max(ln + c for ln, c in zip(lengths, counts, strict=True))
+        qpos, wpos = qpos.to(dev), wpos.to(dev)
+        p = self._plan
+        p.mode, p.n, p.pos, p.kv_len = "extend", n, wpos, kv_len
+        try:
+            out = self.models[name](
+                input_ids=ids.to(dev),
+                position_ids=qpos,
+                attention_mask=self._mask(name, qpos, kv_len, self._dtype(name)),
+                cache=self.caches[name],
+                use_cache=True,
+                logits_to_keep=1 if width == 1 else 0,
+            )
+        finally:
+            p.mode = "idle"
+        for r, c in enumerate(counts):
+            self.own_lengths[name][r] += c
+        last = torch.tensor([c - 1 for c in counts], device=out.logits.device)
+        if width == 1:
+            return out.logits[:, -1]
+        return out.logits[torch.arange(n, device=last.device), last]
+
+    def fits(self, name: str, slot: int, new: int) -> bool:
+        """Whether ``new`` more tokens fit in ``slot`` of ``name``."""
+        return self.length(name, slot) + new <= self.columns[name]
 
     # ---- slot bookkeeping ---------------------------------------------------------------
     def assign(self, slot: int, length: int) -> None:
@@ -298,14 +381,18 @@ class PairedKVCache:
         """Move the request in slot ``src`` to slot ``dst`` in every model's cache."""
         if src == dst:
             return
-        length = self.lengths[src]
-        for cache in self.caches.values():
+        for name, cache in self.caches.items():
+            length = self.length(name, src)
             for layer in cache.layers:
                 layer.move_row(src, dst, length)
-        self.lengths[dst], self.lengths[src] = length, 0
+        for own in self.own_lengths.values():
+            own[dst], own[src] = own[src], 0
+        self.lengths[dst], self.lengths[src] = self.lengths[src], 0
 
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
+        for own in self.own_lengths.values():
+            own[slot] = 0
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.caches.values())

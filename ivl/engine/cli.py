@@ -76,6 +76,7 @@ def _generate(args: argparse.Namespace) -> int:
         dtype=dtype,
         scheme=args.scheme,
         anti_expert=args.anti_expert,
+        vocab_map=args.vocab_map,
         device=args.device,
     )
     engine = IVLEngine(model, max_batch=args.max_batch, max_len=args.max_len)
@@ -133,6 +134,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="zoo name or local HF folder of the base LM")
     p.add_argument("--value", default=None, help="zoo name or folder of the value network")
     p.add_argument("--anti-expert", default=None, help="proxy-tuning: the untuned small model")
+    p.add_argument(
+        "--vocab-map",
+        default=None,
+        help="value model with another tokenizer: a map folder from `ivl vocab build`, or auto",
+    )
     p.add_argument(
         "--scheme",
         default="residual",

@@ -16,6 +16,13 @@ Per step (DESIGN.md "Data flow at inference"):
 
 A request that fails (prompt too long, empty, NaN logits) gets a ``Result`` with
 ``finish_reason="error"``; the others continue.
+
+With a value model of another tokenizer (``IVLModel.bridge``), each request also carries a
+:class:`~ivl.engine.bridge.BridgeState`: the value model reads the text in its own tokens, in a
+cache with its own per-slot lengths. Per step, each row's value cache is cropped to the common
+prefix of its old and new value ids and the new ids (one or more, a different count per row) are
+fed in one batched ``extend`` forward; the value logits of each row's last token are mapped into
+the base vocabulary by the fused op (``vocab_map``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ivl.engine.bridge import BridgeState
 from ivl.engine.cache import PairedKVCache
 from ivl.engine.model import IVLModel
 from ivl.engine.params import Result, SamplingParams, StreamEvent, derive_seed
@@ -50,6 +58,7 @@ class _Request:
     text: str = ""
     emitted: int = 0
     result: Result | None = None
+    bridge: BridgeState | None = None
 
 
 class _Text:
@@ -113,6 +122,17 @@ class IVLEngine:
     seed : int
         Base for the seeds of requests whose ``SamplingParams.seed`` is None (derived from the
         request's index in the call).
+    value_max_len : int, optional
+        Value-side positions per slot when the value model has another tokenizer (its token
+        count differs from the base's); default: twice ``max_len`` (capped by the value's
+        ``max_position_embeddings``). A request whose value side fills up finishes ("length").
+
+    Attributes
+    ----------
+    bridge_stats : dict
+        With a bridged value model: ``steps`` (base tokens generated), ``fed`` (value tokens
+        run through the value model for them) and ``encoded`` (value tokens produced by tail
+        re-encodings), summed over finished requests.
 
     Examples
     --------
@@ -121,7 +141,13 @@ class IVLEngine:
     """
 
     def __init__(
-        self, model: IVLModel, *, max_batch: int = 8, max_len: int | None = None, seed: int = 0
+        self,
+        model: IVLModel,
+        *,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        seed: int = 0,
+        value_max_len: int | None = None,
     ):
         self.model = model
         models = {"base": model.base}
@@ -135,7 +161,12 @@ class IVLEngine:
             ]
             max_len = min(2048, *limits)
         self.max_batch, self.max_len, self.seed = int(max_batch), int(max_len), int(seed)
-        self.cache = PairedKVCache(models, self.max_batch, self.max_len)
+        unaligned = {}
+        if model.bridge is not None:
+            limit = getattr(model.value.config, "max_position_embeddings", None) or 2 * max_len
+            unaligned["value"] = int(value_max_len or min(2 * self.max_len, limit))
+        self.cache = PairedKVCache(models, self.max_batch, self.max_len, unaligned)
+        self.bridge_stats = {"steps": 0, "fed": 0, "encoded": 0}
         self._text = _Text(model.tokenizer)
         self._eos = frozenset(model.eos_ids())
 
@@ -235,7 +266,9 @@ class IVLEngine:
     def _admit(self, req: _Request, slot: int) -> None:
         m, cache = self.model, self.cache
         ids = req.ids
-        if len(ids) > 1:
+        if m.bridge is not None:
+            self._admit_bridged(req, slot)
+        elif len(ids) > 1:
             prefix = torch.tensor(ids[:-1], dtype=torch.int64, device=m.device)
             cascade = m.scheme in ("cascade", "cascade_no_text")
             keep = 0 if cascade else 1
@@ -252,6 +285,52 @@ class IVLEngine:
         req.pending = ids[-1]
         self._text.start(req)
 
+    def _admit_bridged(self, req: _Request, slot: int) -> None:
+        """Base prefill as usual; the value model reads the prompt's text in its own tokens."""
+        m, cache = self.model, self.cache
+        if len(req.ids) > 1:
+            prefix = torch.tensor(req.ids[:-1], dtype=torch.int64, device=m.device)
+            cache.prefill("base", slot, prefix, logits_to_keep=1)
+        cache.crop("value", slot, 0)
+        if req.params.alpha == 0:
+            return
+        st = m.bridge.start(req.ids)
+        if not st.ids:
+            raise ValueError("the prompt has no text the value model can read")
+        if len(st.ids) > cache.columns["value"]:
+            raise ValueError(
+                f"the prompt is {len(st.ids)} tokens for the value model but its cache holds "
+                f"{cache.columns['value']} per request: shorten it or raise value_max_len"
+            )
+        if len(st.ids) > 1:
+            cache.prefill(
+                "value", slot, torch.tensor(st.ids[:-1], dtype=torch.int64, device=m.device)
+            )
+        st.cached = len(st.ids) - 1
+        cache.crop("value", slot, st.cached)
+        req.bridge = st
+
+    def _value_bridged(self, active: list[_Request]) -> torch.Tensor:
+        """Crop each row's value cache to the common prefix and feed its new value ids."""
+        cache, feeds = self.cache, []
+        for i, r in enumerate(active):
+            st = r.bridge
+            if st is None:  # alpha = 0: the row's value logits are never used
+                cache.crop("value", i, 0)
+                feeds.append([0])
+                continue
+            keep, new = st.feed()
+            cache.crop("value", i, keep)
+            feeds.append(new)
+            st.fed += len(new)
+        zv = cache.extend("value", len(active), feeds)
+        for i, r in enumerate(active):
+            if r.bridge is None:
+                cache.crop("value", i, 0)
+            else:
+                r.bridge.cached = len(r.bridge.ids)
+        return zv
+
     def _forward(self, active: list[_Request]) -> tuple[torch.Tensor, torch.Tensor | None]:
         m, cache = self.model, self.cache
         n = len(active)
@@ -259,7 +338,9 @@ class IVLEngine:
         zb = cache.decode("base", n, inp)  # [n, V_base]
         zv = None
         if m.value is not None and any(r.params.alpha != 0 for r in active):
-            if m.scheme in ("cascade", "cascade_no_text"):
+            if m.bridge is not None:
+                zv = self._value_bridged(active)
+            elif m.scheme in ("cascade", "cascade_no_text"):
                 zv = cache.decode("value", n, inputs_embeds=m.value_inputs_embeds(inp, zb))
             else:
                 zv = cache.decode("value", n, inp)
@@ -294,6 +375,9 @@ class IVLEngine:
         return tokens.tolist(), logprobs.tolist()
 
     def _finish(self, req: _Request, reason: str) -> StreamEvent:
+        if req.bridge is not None:
+            for k in self.bridge_stats:
+                self.bridge_stats[k] += getattr(req.bridge, k)
         req.result.finish_reason = reason
         delta = self._text.finish(req)
         req.result.text = req.text
@@ -361,6 +445,16 @@ class IVLEngine:
             events.append(self._finish(req, "length"))
         else:
             req.pending = tok
+            st = req.bridge
+            if st is not None:
+                self.model.bridge.step(st, tok)
+                if len(st.ids) > self.cache.columns["value"]:
+                    logger.warning(
+                        "request %d filled its value cache slot (value_max_len=%d)",
+                        req.index,
+                        self.cache.columns["value"],
+                    )
+                    events.append(self._finish(req, "length"))
         return events
 
     def _compact(self, active: list[_Request], done: list[int]) -> list[_Request]:

@@ -37,6 +37,7 @@ class IVLLogitsProcessor:
     def __init__(self, model: IVLModel, *, alpha: float = 1.0, attention_mask=None):
         if model.value is None:
             raise ValueError("IVLLogitsProcessor needs an IVLModel with a value model")
+        model.require_shared_tokenizer("IVLLogitsProcessor")
         if model.scheme not in ("residual", "proxy"):
             raise ValueError(
                 f"scheme {model.scheme!r} needs the base distribution at every prompt position; "

@@ -87,8 +87,10 @@ class IVLModel:
 
     Build it with :meth:`from_pretrained`. Attributes: ``base``, ``value`` (or None),
     ``tokenizer`` (the base's; generation happens in the base vocabulary), ``scheme``,
-    ``vocab_map`` (None or (index, weight)), ``fill``, ``vocab_limit``, and for proxy-tuning
-    ``expert`` / ``anti_expert``.
+    ``vocab_map`` (None, (index, weight) or an ``ivl.VocabMap``), ``fill``, ``vocab_limit``,
+    ``bridge`` (an :class:`ivl.engine.bridge.Bridge` when the value model reads another
+    tokenization, else None), ``value_tokenizer``, and for proxy-tuning ``expert`` /
+    ``anti_expert``.
     """
 
     def __init__(
@@ -102,8 +104,11 @@ class IVLModel:
         fill: float = 0.0,
         vocab_limit: int | None = None,
         anti_expert=None,
+        bridge=None,
+        value_tokenizer=None,
     ):
         self.base, self.tokenizer, self.value = base, tokenizer, value
+        self.bridge, self.value_tokenizer = bridge, value_tokenizer
         self.scheme, self.vocab_map, self.fill = scheme, vocab_map, float(fill)
         self.anti_expert = anti_expert
         self.vocab_size = _output_vocab(base)
@@ -112,6 +117,15 @@ class IVLModel:
             if m is not None:
                 m.eval()
                 m.requires_grad_(False)
+
+    def require_shared_tokenizer(self, what: str) -> None:
+        """Raise if the value model reads another tokenization: only IVLEngine bridges it."""
+        if self.bridge is not None:
+            raise ValueError(
+                f"{what} feeds base token ids to the value model, but the value model uses "
+                "another tokenizer (a vocabulary-map pair); use ivl.IVLEngine, which re-tokenizes "
+                "for the value model"
+            )
 
     @property
     def expert(self):
@@ -151,9 +165,12 @@ class IVLModel:
             embeddings for ``cascade``), or ``proxy`` (proxy-tuning: ``value`` is the expert
             and ``anti_expert`` is required; z = z_base + alpha * (z_expert - z_anti)).
             Checked against the value checkpoint's ivl.json when it has one.
-        vocab_map : (index, weight) or ivl.VocabMap, optional
-            Maps value columns into the base vocabulary when the value's output vocabulary
-            differs. The value must still read the base's token ids (same tokenizer).
+        vocab_map : ivl.VocabMap, str, path or (index, weight), optional
+            Maps value columns into the base vocabulary when the vocabularies differ: a
+            ``VocabMap``, the folder of one saved by ``ivl vocab build``, or ``"auto"`` (built
+            now: exact string matches, see docs/vocab.md). When the value's tokenizer differs
+            from the base's, the engine also re-tokenizes the text for the value model (the
+            bridge, ivl.engine.bridge); a map is then required.
         fill : float
             Value logit assumed for unmapped base tokens.
 
@@ -202,17 +219,32 @@ class IVLModel:
             raise ValueError("anti_expert= is only used with scheme='proxy'")
 
         vb, vv = _output_vocab(base_m), _output_vocab(value_m)
+        bridge = None
         if value_tok is not None and not _same_tokenizer(base_tok, value_tok):
             if vocab_map is None:
                 raise ValueError(
                     f"the value model's tokenizer differs from the base's (vocabularies {vv} vs "
-                    f"{vb}): build a map with `ivl vocab build` and pass vocab_map="
+                    f"{vb}): build a map with `ivl vocab build` and pass vocab_map= (a saved "
+                    "map's folder, an ivl.VocabMap, or 'auto' for exact string matches)"
                 )
-            raise ValueError(
-                "the value model uses a different tokenizer: generation would need to "
-                "re-tokenize the text for it (the vocabulary bridge), which the engine does not "
-                "support yet; use a value model that shares the base's tokenizer"
-            )
+            if scheme != "residual":
+                raise ValueError(
+                    f"scheme={scheme!r} needs the value to share the base's tokenizer; a value "
+                    "model with another tokenizer works with scheme='residual' only"
+                )
+            from ivl.engine.bridge import Bridge
+
+            bridge = Bridge(base_tok, value_tok)
+        if vocab_map is not None and not (isinstance(vocab_map, (tuple, list)) and bridge is None):
+            from ivl.vocab.map import resolve
+
+            vocab_map = resolve(
+                vocab_map,
+                base_tok,
+                value_tok if value_tok is not None else base_tok,
+                base_columns=vb,
+                value_columns=vv,
+            ).to(device)
         vocab_limit = min(vb, len(base_tok))
         if vocab_map is None and vv != vb:
             if len(base_tok) <= min(vv, vb):
@@ -239,6 +271,8 @@ class IVLModel:
             fill=fill,
             vocab_limit=vocab_limit,
             anti_expert=anti_m,
+            bridge=bridge,
+            value_tokenizer=value_tok,
         )
 
     # ---- helpers shared by the engine, the naive loop and the HF adapters ------------------

@@ -18,6 +18,7 @@ def naive_generate(
     """Generated token ids for prompt ``ids`` (stop tokens excluded, stop strings ignored)."""
     import ivl
 
+    model.require_shared_tokenizer("naive_generate")
     seed = params.seed if seed is None else seed
     if seed is None:
         raise ValueError("naive_generate needs a seed (params.seed or seed=)")

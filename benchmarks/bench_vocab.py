@@ -1,0 +1,135 @@
+"""Vocabulary maps and the re-tokenization bridge on real zoo models.
+
+Rows (benchmarks/results/vocab.csv):
+- ``map``: build time of an exact and a dtw map per (base, value) tokenizer pair on a fixed
+  offline corpus (gsm-symbolic, --corpus-chars characters) and the stored map's bytes;
+- ``generate``: greedy generation with a value model of another tokenizer: value tokens fed to
+  the value model per generated base token (target <= 1.5), value tokens produced by the tail
+  re-encodings per base token, ms per token of the bridged pair, of the base alone, and of the
+  same pair with the bridge's Python work (``Bridge.step``) timed separately.
+
+Run: ``flock /tmp/ivl-heavy.lock python benchmarks/bench_vocab.py`` (a few minutes on 2 CPU
+cores; loads SmolLM2-135M, Qwen2.5-Coder-0.5B and Gemma3-270M from the zoo cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import append_csv
+from ivl.engine import IVLEngine, IVLModel, SamplingParams
+from ivl.models.loading import load_model, load_tokenizer
+from ivl.vocab import build_map
+from ivl.vocab.corpus import corpus_texts
+
+VALUE = "smollm2-135m-instruct"
+BASES = ("qwen2.5-coder-0.5b-instruct", "gemma3-270m")
+PROMPTS = [
+    "Write a short Python function that returns the sum of the squares of a list of numbers.",
+    "Explain in two sentences why the sky is blue.",
+]
+
+
+def bench_maps(corpus_chars: int) -> list[dict]:
+    texts = corpus_texts("gsm-symbolic", max_chars=corpus_chars)
+    vt = load_tokenizer(VALUE)
+    rows = []
+    for base in BASES:
+        bt = load_tokenizer(base)
+        for kind in ("exact", "dtw"):
+            t0 = time.perf_counter()
+            vmap = build_map(bt, vt, kind=kind, corpus=texts if kind == "dtw" else None)
+            secs = time.perf_counter() - t0
+            with tempfile.TemporaryDirectory() as d:
+                path = vmap.save(Path(d) / "m")
+                stored = sum(f.stat().st_size for f in path.iterdir())
+            rows.append(
+                {
+                    "what": "map",
+                    "base": base,
+                    "value": VALUE,
+                    "kind": kind,
+                    "corpus_chars": sum(map(len, texts)) if kind == "dtw" else 0,
+                    "build_s": round(secs, 2),
+                    "mapped": vmap.n_mapped(),
+                    "base_vocab": vmap.base_size,
+                    "stored_bytes": stored,
+                }
+            )
+            print(rows[-1])
+    return rows
+
+
+def bench_generate(max_new: int, dtype) -> list[dict]:
+    value = (load_model(VALUE, dtype=dtype), load_tokenizer(VALUE))
+    params = SamplingParams(temperature=0, max_new_tokens=max_new, ignore_eos=True, seed=0)
+    rows = []
+    for base_name in BASES:
+        base = (load_model(base_name, dtype=dtype), load_tokenizer(base_name))
+        alone = IVLEngine(IVLModel.from_pretrained(base), max_batch=2, max_len=512)
+        model = IVLModel.from_pretrained(base, value, vocab_map="auto")
+        bridged = IVLEngine(model, max_batch=2, max_len=512)
+        step, spent = model.bridge.step, [0.0]
+
+        def timed(st, t, _step=step, spent=spent):
+            t0 = time.perf_counter()
+            _step(st, t)
+            spent[0] += time.perf_counter() - t0
+
+        model.bridge.step = timed
+        alone.generate_many(PROMPTS[:1], SamplingParams(max_new_tokens=4, temperature=0))
+        bridged.generate_many(PROMPTS[:1], SamplingParams(max_new_tokens=4, temperature=0))
+        bridged.bridge_stats = dict.fromkeys(bridged.bridge_stats, 0)
+        spent[0] = 0.0
+        t0 = time.perf_counter()
+        res_a = alone.generate_many(PROMPTS, params)
+        t_alone = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res_b = bridged.generate_many(PROMPTS, params)
+        t_bridged = time.perf_counter() - t0
+        n_a = sum(len(r.token_ids) for r in res_a)
+        n_b = sum(len(r.token_ids) for r in res_b)
+        st = bridged.bridge_stats
+        rows.append(
+            {
+                "what": "generate",
+                "base": base_name,
+                "value": VALUE,
+                "kind": model.vocab_map.kind,
+                "dtype": str(dtype).replace("torch.", ""),
+                "batch": len(PROMPTS),
+                "base_tokens": st["steps"],
+                "fed_per_token": round(st["fed"] / max(1, st["steps"]), 3),
+                "encoded_per_token": round(st["encoded"] / max(1, st["steps"]), 3),
+                "ms_per_token_bridged": round(1e3 * t_bridged / max(1, n_b), 2),
+                "ms_per_token_base_alone": round(1e3 * t_alone / max(1, n_a), 2),
+                "bridge_step_ms_per_token": round(1e3 * spent[0] / max(1, n_b), 3),
+                "text": res_b[0].text[:60].replace("\n", " "),
+            }
+        )
+        print(rows[-1])
+        del base, alone, bridged, model
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--corpus-chars", type=int, default=200_000)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--skip-generate", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rows = bench_maps(args.corpus_chars)
+    if not args.skip_generate:
+        rows += bench_generate(args.max_new_tokens, torch.bfloat16)
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    print(append_csv("vocab", [{k: row.get(k, "") for k in fields} for row in rows]))
+
+
+if __name__ == "__main__":
+    main()
