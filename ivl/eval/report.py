@@ -1,0 +1,129 @@
+"""Result tables: CSV + Markdown + PNG plot, every file written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from ivl._fs import atomic_write_bytes, atomic_write_text
+
+logger = logging.getLogger("ivl")
+
+COLUMNS = (
+    "experiment",
+    "config",
+    "base",
+    "value",
+    "scheme",
+    "alpha",
+    "n_acc",
+    "accuracy",
+    "ci_low",
+    "ci_high",
+    "n_nll",
+    "nll",
+    "ppl",
+    "gen_tokens",
+    "wall_s",
+    "note",
+)
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def write_csv(path, rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> Path:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: _fmt(r.get(c)) for c in columns})
+    return atomic_write_text(path, buf.getvalue())
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """Accuracy (with 95% CI) and NLL per configuration."""
+    head = "| experiment | configuration | accuracy (95% CI) | N | NLL | ppl | N (NLL) | note |"
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = ""
+        if r.get("accuracy") is not None and r.get("n_acc"):
+            acc = f"{100 * r['accuracy']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+        nll = f"{r['nll']:.4f}" if r.get("nll") is not None else ""
+        ppl = f"{r['ppl']:.3f}" if r.get("ppl") is not None else ""
+        lines.append(
+            f"| {r.get('experiment', '')} | {r['config']} | {acc} | {r.get('n_acc') or ''} | "
+            f"{nll} | {ppl} | {r.get('n_nll') or ''} | {r.get('note') or ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(path, rows: Sequence[dict], title: str = "") -> Path | None:
+    """Two panels (accuracy with 95% CI, NLL) by configuration; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    labels = [f"{r.get('experiment', '')}: {r['config']}".strip(": ") for r in rows]
+    y = list(range(len(rows)))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
+    acc = [100 * r["accuracy"] if r.get("accuracy") is not None else math.nan for r in rows]
+    err = [
+        [
+            a - 100 * r["ci_low"] if r.get("accuracy") is not None else 0
+            for a, r in zip(acc, rows, strict=True)
+        ],
+        [
+            100 * r["ci_high"] - a if r.get("accuracy") is not None else 0
+            for a, r in zip(acc, rows, strict=True)
+        ],
+    ]
+    a1.barh(y, acc, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
+    a1.set_xlabel("accuracy % (95% Wilson CI)")
+    a1.set_yticks(y, labels)
+    a1.invert_yaxis()
+    nll = [r["nll"] if r.get("nll") is not None else math.nan for r in rows]
+    a2.barh(y, nll, color="tab:orange", alpha=0.8)
+    a2.set_xlabel("held-out NLL (nats / token, lower is better)")
+    finite = [x for x in nll if not math.isnan(x)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        a2.set_xlim(max(0.0, lo - 0.2 * (hi - lo + 1e-3)), hi + 0.1 * (hi - lo + 1e-3))
+    for ax in (a1, a2):
+        ax.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(out_dir, name: str, rows: Sequence[dict], *, title: str = "", notes: str = ""):
+    """``{name}.csv``, ``{name}.md`` (table + notes) and ``{name}.png`` under ``out_dir``."""
+    out = Path(out_dir)
+    paths = [write_csv(out / f"{name}.csv", rows)]
+    md = (
+        (f"# {title}\n\n" if title else "")
+        + markdown_table(rows)
+        + (f"\n{notes}\n" if notes else "")
+    )
+    paths.append(atomic_write_text(out / f"{name}.md", md))
+    png = plot(out / f"{name}.png", rows, title)
+    if png is not None:
+        paths.append(png)
+    return paths

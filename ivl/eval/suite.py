@@ -1,0 +1,383 @@
+"""Experiment suites: train what the configurations need, evaluate them all, write the report.
+
+A suite is a dict (or a JSON file with the same structure); the built-in ``transfer`` suite is
+:data:`TRANSFER` (issue 7's three experiments). Keys:
+
+- ``data``: ``{"recipe": "gsm-symbolic", "seed": 0}``: training data AND held-out problems
+  (the recipe's held-out templates: never trained on);
+- ``sizes``: ``accuracy_problems``, ``nll_examples``, ``max_new_tokens``, ``train_examples``,
+  ``train_steps``, ``max_batch`` (all overridable from the command line);
+- ``train``: :class:`~ivl.train.TrainConfig` fields shared by every value network and every
+  fine-tune (so they get the same data, order and token budget);
+- ``values``: ``name -> {"base", "value_init", and TrainConfig overrides (scheme, lam, masked)}``;
+- ``finetunes``: ``name -> {"base", "method": "full"|"lora"|"auto"}``;
+- ``experiments``: ``[{"name", "configs": [{"label", "base", "value", "alpha", "scheme",
+  "anti_expert", "vocab_map"}]}]``; ``"values:NAME"`` / ``"finetunes:NAME"`` refer to the
+  trained folders (a value's scheme comes from its training unless the config sets one).
+
+Trained folders live under ``runs_dir`` in folders named after their sizes, so a run with other
+sizes never reuses them, and a finished one is never retrained. Each configuration is evaluated
+(held-out NLL + greedy accuracy) and the report (CSV + Markdown + PNG) is rewritten after every
+configuration, so an interrupted suite keeps what it finished. A configuration that fails (e.g.
+a vocabulary map that is not available) is reported in the ``note`` column; the others go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ivl.eval import harness, report
+
+logger = logging.getLogger("ivl")
+
+Q05, Q15 = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
+SMOL, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
+
+TRANSFER: dict[str, Any] = {
+    "name": "transfer",
+    "title": "Transferring a value network across base models (GSM-Symbolic, held-out templates)",
+    "data": {"recipe": "gsm-symbolic", "seed": 0},
+    "sizes": {
+        "accuracy_problems": 200,
+        "nll_examples": 200,
+        "max_new_tokens": 256,
+        "train_examples": 2000,
+        "train_steps": 200,
+        "max_batch": 8,
+    },
+    "train": {
+        "batch_size": 4,
+        "grad_accum": 4,
+        "lr": 5e-5,
+        "max_length": 512,
+        "seed": 0,
+        # bf16 / base_dtype default to bfloat16 only where it is fast (harness.default_dtype)
+    },
+    "values": {
+        # A pretrained init (the base's own checkpoint): the value starts as a competent LM of
+        # the same family, so few steps suffice and it reads the tokens the way the base does.
+        "qwen05": {"base": Q05, "value_init": Q05},
+        "smol": {"base": SMOL, "value_init": SMOL},
+        "smol-cascade": {"base": SMOL, "value_init": SMOL, "scheme": "cascade"},
+        "smol-cascade-no-text": {"base": SMOL, "value_init": SMOL, "scheme": "cascade_no_text"},
+        "smol-random": {"base": SMOL, "value_init": "random"},
+        "smol-lam0": {"base": SMOL, "value_init": SMOL, "lam": 0.0},
+        "smol-lam1-masked": {"base": SMOL, "value_init": SMOL, "lam": 1.0, "masked": True},
+    },
+    "finetunes": {
+        "qwen15-lora": {"base": Q15, "method": "lora"},
+        "qwen05-full": {"base": Q05, "method": "full"},  # the proxy-tuning expert
+    },
+    "experiments": [
+        {
+            "name": "same-family",
+            "configs": [
+                {"label": "Qwen-1.5B alone", "base": Q15},
+                {"label": "Qwen-1.5B + value(0.5B)", "base": Q15, "value": "values:qwen05"},
+                {"label": "Qwen-1.5B LoRA fine-tuned", "base": "finetunes:qwen15-lora"},
+                {
+                    "label": "Qwen-1.5B proxy-tuned (0.5B FT - 0.5B)",
+                    "base": Q15,
+                    "value": "finetunes:qwen05-full",
+                    "anti_expert": Q05,
+                    "scheme": "proxy",
+                },
+                {"label": "Qwen-0.5B alone", "base": Q05},
+                {"label": "Qwen-0.5B + value", "base": Q05, "value": "values:qwen05"},
+            ],
+        },
+        {
+            "name": "cross-family",
+            "configs": [
+                {"label": "SmolLM2 alone", "base": SMOL},
+                {"label": "SmolLM2 + value", "base": SMOL, "value": "values:smol"},
+                {"label": "Qwen-0.5B alone", "base": Q05},
+                {
+                    "label": "Qwen-0.5B + SmolLM2 value",
+                    "base": Q05,
+                    "value": "values:smol",
+                    "vocab_map": "auto",
+                },
+                {"label": "Gemma-270M alone", "base": GEMMA},
+                {
+                    "label": "Gemma-270M + SmolLM2 value",
+                    "base": GEMMA,
+                    "value": "values:smol",
+                    "vocab_map": "auto",
+                },
+            ],
+        },
+        {
+            "name": "ablations",
+            "configs": [
+                {"label": "SmolLM2 alone", "base": SMOL},
+                {"label": "residual, pretrained, lambda 1", "base": SMOL, "value": "values:smol"},
+                {"label": "cascade", "base": SMOL, "value": "values:smol-cascade"},
+                {
+                    "label": "cascade_no_text",
+                    "base": SMOL,
+                    "value": "values:smol-cascade-no-text",
+                },
+                {"label": "random init", "base": SMOL, "value": "values:smol-random"},
+                {"label": "lambda 0", "base": SMOL, "value": "values:smol-lam0"},
+                {"label": "lambda 1 masked", "base": SMOL, "value": "values:smol-lam1-masked"},
+            ],
+        },
+    ],
+}
+
+SUITES = {"transfer": TRANSFER}
+SIZE_KEYS = tuple(TRANSFER["sizes"])
+
+
+def load_suite(spec: str | os.PathLike[str] | dict) -> dict:
+    """A suite by built-in name, JSON path, or dict (validated)."""
+    if isinstance(spec, dict):
+        suite = copy.deepcopy(spec)
+    elif str(spec) in SUITES:
+        suite = copy.deepcopy(SUITES[str(spec)])
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(
+                f"unknown suite {str(spec)!r}: not one of {', '.join(SUITES)} and not a JSON file"
+            )
+        try:
+            suite = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    for key in ("name", "experiments"):
+        if key not in suite:
+            raise ValueError(f"the suite needs a {key!r} key")
+    suite.setdefault("data", {"recipe": "gsm-symbolic", "seed": 0})
+    suite["sizes"] = {**TRANSFER["sizes"], **suite.get("sizes", {})}
+    suite.setdefault("train", {})
+    suite.setdefault("values", {})
+    suite.setdefault("finetunes", {})
+    for exp in suite["experiments"]:
+        for c in exp.get("configs", []):
+            if "label" not in c or "base" not in c:
+                raise ValueError(
+                    f"experiment {exp.get('name')!r}: every config needs label and base"
+                )
+            for ref in (c.get("base"), c.get("value")):
+                _check_ref(suite, ref)
+    return suite
+
+
+def _check_ref(suite: dict, ref) -> None:
+    if isinstance(ref, str) and ref.split(":", 1)[0] in ("values", "finetunes") and ":" in ref:
+        kind, name = ref.split(":", 1)
+        if name not in suite[kind]:
+            raise ValueError(f"{ref!r} names no entry of the suite's {kind!r}")
+
+
+def _train_config(suite: dict, sizes: dict, out: Path, **overrides):
+    from ivl.train import TrainConfig
+
+    fast_bf16 = harness.default_dtype() == "bfloat16"
+    fields = {
+        "bf16": fast_bf16,
+        "base_dtype": harness.default_dtype(),
+        **suite["train"],
+        **overrides,
+    }
+    return TrainConfig(
+        out_dir=str(out),
+        max_steps=int(sizes["train_steps"]),
+        extra={
+            "train_examples": int(sizes["train_examples"]),
+            "seed": suite["data"].get("seed", 0),
+        },
+        overwrite=True,
+        **fields,
+    )
+
+
+def _needed(suite: dict, experiments: list[dict]) -> tuple[set, set]:
+    values, fts = set(), set()
+    for exp in experiments:
+        for c in exp["configs"]:
+            for ref in (c.get("base"), c.get("value")):
+                if isinstance(ref, str) and ref.startswith("values:"):
+                    values.add(ref.split(":", 1)[1])
+                if isinstance(ref, str) and ref.startswith("finetunes:"):
+                    fts.add(ref.split(":", 1)[1])
+    return values, fts
+
+
+def run_suite(
+    spec,
+    *,
+    out_dir: str | os.PathLike[str] = "docs/results",
+    runs_dir: str | os.PathLike[str] = "runs/suite",
+    only: list[str] | None = None,
+    progress: bool = True,
+    **sizes,
+) -> list[dict]:
+    """Run a suite (see module docstring); ``sizes`` override the suite's ``sizes``.
+
+    Returns the result rows; writes ``{name}.csv/.md/.png`` under ``out_dir``.
+    """
+    from ivl.eval.finetune import FT_JSON, finetune
+    from ivl.train import train_value
+
+    suite = load_suite(spec)
+    bad = set(sizes) - set(SIZE_KEYS)
+    if bad:
+        raise ValueError(f"unknown size(s) {sorted(bad)}; known: {', '.join(SIZE_KEYS)}")
+    sz = {**suite["sizes"], **{k: v for k, v in sizes.items() if v is not None}}
+    experiments = suite["experiments"]
+    if only:
+        names = {e["name"] for e in experiments}
+        missing = set(only) - names
+        if missing:
+            raise ValueError(f"no experiment(s) {sorted(missing)}; the suite has {sorted(names)}")
+        experiments = [e for e in experiments if e["name"] in only]
+    runs = Path(runs_dir)
+    tag = f"s{sz['train_steps']}-n{sz['train_examples']}"
+    need_values, need_fts = _needed(suite, experiments)
+    folders: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    for name in sorted(need_values):
+        v = dict(suite["values"][name])
+        out = runs / f"value-{name}-{tag}"
+        if not (out / "ivl.json").is_file():
+            logger.info("suite: training value %s -> %s", name, out)
+            t0 = time.perf_counter()
+            base, init = v.pop("base"), v.pop("value_init")
+            train_value(base, init, suite["data"]["recipe"], _train_config(suite, sz, out, **v))
+            timings[f"values:{name}"] = time.perf_counter() - t0
+        folders[f"values:{name}"] = str(out)
+    for name in sorted(need_fts):
+        f = dict(suite["finetunes"][name])
+        out = runs / f"ft-{name}-{tag}"
+        if not (out / FT_JSON).is_file():
+            logger.info("suite: fine-tuning %s -> %s", name, out)
+            t0 = time.perf_counter()
+            base, method = f.pop("base"), f.pop("method", "auto")
+            finetune(
+                base, suite["data"]["recipe"], _train_config(suite, sz, out, **f), method=method
+            )
+            timings[f"finetunes:{name}"] = time.perf_counter() - t0
+        folders[f"finetunes:{name}"] = str(out)
+
+    n_acc, n_nll = int(sz["accuracy_problems"]), int(sz["nll_examples"])
+    problems = harness.gsm_problems(max(n_acc, n_nll, 1), seed=suite["data"].get("seed", 0))
+    rows: list[dict] = []
+    for exp in experiments:
+        for c in exp["configs"]:
+            rows.append(
+                _evaluate_config(
+                    suite, exp["name"], c, folders, problems, n_acc, n_nll, sz, progress
+                )
+            )
+            write_suite_report(suite, rows, out_dir, sz, folders)
+    return rows
+
+
+def _evaluate_config(suite, experiment, c, folders, problems, n_acc, n_nll, sz, progress) -> dict:
+    value_ref = c.get("value")
+    scheme = c.get("scheme")
+    if scheme is None and isinstance(value_ref, str) and value_ref.startswith("values:"):
+        scheme = suite["values"][value_ref.split(":", 1)[1]].get("scheme", "residual")
+    spec = harness.ModelSpec(
+        c["label"],
+        folders.get(c["base"], c["base"]),
+        folders.get(value_ref, value_ref) if value_ref else None,
+        alpha=float(c.get("alpha", 1.0)),
+        scheme=scheme or "residual",
+        anti_expert=c.get("anti_expert"),
+        vocab_map=c.get("vocab_map"),
+        dtype=c.get("dtype"),
+    )
+    row: dict[str, Any] = {
+        "experiment": experiment,
+        "config": c["label"],
+        "base": c["base"],
+        "value": value_ref or "",
+        "scheme": spec.scheme if value_ref else "",
+        "alpha": spec.effective_alpha(),
+        "note": "",
+    }
+    t0 = time.perf_counter()
+    try:
+        model = spec.build()
+        alpha = spec.effective_alpha()
+        if n_nll:
+            res = harness.nll(model, problems[:n_nll], alphas=(alpha,), progress=progress)[alpha]
+            row.update(n_nll=res.examples, nll=res.nll, ppl=res.perplexity)
+        if n_acc:
+            items = [(r["prompt"], r["answer"]) for r in problems[:n_acc]]
+            ev = harness.generate_eval(
+                model,
+                items,
+                scorer="numeric",
+                alpha=alpha,
+                max_new_tokens=int(sz["max_new_tokens"]),
+                max_batch=int(sz["max_batch"]),
+                progress=progress,
+            )
+            row.update(
+                n_acc=ev.n,
+                accuracy=ev.accuracy,
+                ci_low=ev.ci_low,
+                ci_high=ev.ci_high,
+                gen_tokens=ev.generated_tokens,
+            )
+            row["sample"] = ev.predictions[0].text
+        del model
+    except (ValueError, TypeError, ImportError, NotImplementedError, OSError) as e:
+        row["note"] = f"failed: {' '.join(str(e).split())[:200]}"
+        logger.warning("suite: %s / %s failed: %s", experiment, c["label"], e)
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def write_suite_report(suite: dict, rows: list[dict], out_dir, sz: dict, folders: dict) -> list:
+    """The suite's CSV / Markdown / PNG, with the sizes, budgets and seeds in the notes."""
+    from ivl.eval.finetune import FT_JSON
+
+    lines = [
+        f"Sizes: {sz['accuracy_problems']} held-out-template problems for accuracy (greedy, "
+        f"{sz['max_new_tokens']} new tokens max, 95% Wilson CI), {sz['nll_examples']} held-out "
+        f"demonstrations for NLL (nats per assistant token); training: {sz['train_steps']} "
+        f"optimizer steps over {sz['train_examples']} {suite['data']['recipe']} demonstrations, "
+        f"seed {suite['data'].get('seed', 0)}; train settings {json.dumps(suite['train'])}.",
+        "",
+        "Trained artefacts:",
+        "",
+    ]
+    for ref, folder in sorted(folders.items()):
+        meta_path = Path(folder) / ("ivl.json" if ref.startswith("values:") else FT_JSON)
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            train = meta.get("train", {})
+            lines.append(
+                f"- `{ref}`: steps {train.get('steps', meta.get('steps'))}, global batch "
+                f"{train.get('global_batch', meta.get('global_batch'))}, examples "
+                f"{meta.get('data', {}).get('examples')}"
+                + (
+                    f", tokens seen {meta['tokens_seen']}, {meta['wall_s']} s"
+                    if "tokens_seen" in meta
+                    else ""
+                )
+                + (f", method {meta['method']}" if "method" in meta else "")
+            )
+    failed = [r for r in rows if r.get("note")]
+    if failed:
+        lines += ["", "Failed configurations:", ""]
+        lines += [f"- {r['experiment']} / {r['config']}: {r['note']}" for r in failed]
+    return report.write_report(
+        out_dir,
+        suite["name"],
+        rows,
+        title=suite.get("title", suite["name"]),
+        notes="\n".join(lines),
+    )
