@@ -19,10 +19,12 @@ __version__ = "0.1.0"
 _LAZY = {
     "INVALID_TOKEN": "ivl.ops",
     "IVLEngine": "ivl.engine",
+    "IVLForCausalLM": "ivl.engine.causal_lm",
     "IVLLogitsProcessor": "ivl.engine.hf",
     "IVLModel": "ivl.engine",
     "SamplingParams": "ivl.engine",
     "TrainConfig": "ivl.train.trainer",
+    "VocabMap": "ivl.vocab",
     "merge_logits": "ivl.ops",
     "merge_sample": "ivl.ops",
     "merged_log_softmax": "ivl.ops",
@@ -33,10 +35,12 @@ _LAZY = {
 __all__ = [
     "INVALID_TOKEN",
     "IVLEngine",
+    "IVLForCausalLM",
     "IVLLogitsProcessor",
     "IVLModel",
     "SamplingParams",
     "TrainConfig",
+    "VocabMap",
     "__version__",
     "merge_logits",
     "merge_sample",
@@ -47,10 +51,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ivl.engine import IVLEngine, IVLModel, SamplingParams
+    from ivl.engine.causal_lm import IVLForCausalLM
     from ivl.engine.hf import IVLLogitsProcessor
     from ivl.models import zoo
     from ivl.ops import INVALID_TOKEN, merge_logits, merge_sample, merged_log_softmax
     from ivl.train.trainer import TrainConfig, train_value
+    from ivl.vocab import VocabMap
 
 
 def __getattr__(name: str) -> Any:

@@ -132,6 +132,17 @@ def _register_generate(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# ivl batch (defined with the Ray pipeline)
+
+
+@command
+def _register_batch(sub: argparse._SubParsersAction) -> None:
+    from ivl.batch.cli import register
+
+    register(sub)
+
+
+# --------------------------------------------------------------------------------------------
 # ivl train (defined with the trainer)
 
 
@@ -143,21 +154,73 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# ivl eval (defined with the evaluation harness)
+
+
+@command
+def _register_eval(sub: argparse._SubParsersAction) -> None:
+    from ivl.eval.cli import register
+
+    register(sub)
+
+
+# --------------------------------------------------------------------------------------------
+# ivl vocab (defined with the vocabulary maps)
+
+
+@command
+def _register_vocab(sub: argparse._SubParsersAction) -> None:
+    from ivl.vocab.cli import register
+
+    register(sub)
+
+
+# --------------------------------------------------------------------------------------------
 # ivl demo
 
 
 def _demo(args: argparse.Namespace) -> int:
     from ivl import demo
 
-    demo.run(args.model, max_new_tokens=args.max_new_tokens)
+    cfg = demo.DemoConfig(
+        train_base=args.train_base,
+        transfer_base=args.transfer_base,
+        value_init=args.value_init,
+        vocab_map=args.vocab_map,
+        train_steps=args.train_steps,
+        train_minutes=args.train_minutes,
+        train_examples=args.train_examples,
+        n_accuracy=args.n_accuracy,
+        n_nll=args.n_nll,
+        max_new_tokens=args.max_new_tokens,
+        out_dir=args.out,
+        progress=not args.quiet,
+    )
+    demo.run(cfg)
     return 0
 
 
 @command
 def _register_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the main job on offline zoo models (what `make demo` runs)")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="zoo name or local HF folder")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer")
+    from ivl.demo import DemoConfig
+
+    d = DemoConfig()
+    p = sub.add_parser(
+        "demo",
+        help="the main job: train a value network, transfer it to another base (`make demo`)",
+    )
+    p.add_argument("--train-base", default=d.train_base, help="zoo name or HF folder")
+    p.add_argument("--transfer-base", default=d.transfer_base, help="zoo name or HF folder")
+    p.add_argument("--value-init", default=d.value_init, help="value network initialisation")
+    p.add_argument("--vocab-map", default=d.vocab_map, help="for a transfer base's tokenizer")
+    p.add_argument("--train-minutes", type=float, default=d.train_minutes, help="training budget")
+    p.add_argument("--train-steps", type=int, default=None, help="fixed steps (overrides budget)")
+    p.add_argument("--train-examples", type=int, default=d.train_examples)
+    p.add_argument("--n-accuracy", type=int, default=d.n_accuracy, help="held-out problems")
+    p.add_argument("--n-nll", type=int, default=d.n_nll, help="held-out demonstrations")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="per answer")
+    p.add_argument("--out", default=d.out_dir, help="output folder (value, table, plot)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_demo)
 
 
