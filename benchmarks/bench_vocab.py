@@ -6,7 +6,10 @@ Rows (benchmarks/results/vocab.csv):
 - ``generate``: greedy generation with a value model of another tokenizer: value tokens fed to
   the value model per generated base token (target <= 1.5), value tokens produced by the tail
   re-encodings per base token, ms per token of the bridged pair, of the base alone, and of the
-  same pair with the bridge's Python work (``Bridge.step``) timed separately.
+  same pair with the bridge's Python work (``Bridge.step``) timed separately;
+- ``same-vocab``: the bridge's whole cost with the same models: SmolLM2 base + SmolLM2 value
+  generated normally (one vocabulary, no bridge) and with the bridge forced on (identical
+  tokenizers on both sides, so the tokens must not change), ms per token of each.
 
 Run: ``flock /tmp/ivl-heavy.lock python benchmarks/bench_vocab.py`` (a few minutes on 2 CPU
 cores; loads SmolLM2-135M, Qwen2.5-Coder-0.5B and Gemma3-270M from the zoo cache).
@@ -117,16 +120,58 @@ def bench_generate(max_new: int, dtype) -> list[dict]:
     return rows
 
 
+def _timed_generate(engine: IVLEngine, params: SamplingParams):
+    engine.generate_many(PROMPTS[:1], SamplingParams(max_new_tokens=4, temperature=0))  # warm-up
+    t0 = time.perf_counter()
+    res = engine.generate_many(PROMPTS, params)
+    return res, time.perf_counter() - t0
+
+
+def bench_same_vocab(max_new: int, dtype) -> list[dict]:
+    from ivl.engine.bridge import Bridge
+
+    tok = load_tokenizer(VALUE)
+    base, value = load_model(VALUE, dtype=dtype), load_model(VALUE, dtype=dtype)
+    params = SamplingParams(temperature=0, max_new_tokens=max_new, ignore_eos=True, seed=0)
+    plain = IVLEngine(IVLModel(base, tok, value), max_batch=2, max_len=512)
+    forced = IVLModel(base, tok, value, bridge=Bridge(tok, tok), value_tokenizer=tok)
+    bridged = IVLEngine(forced, max_batch=2, max_len=512)
+    res_p, t_p = _timed_generate(plain, params)
+    res_b, t_b = _timed_generate(bridged, params)
+    if [r.token_ids for r in res_p] != [r.token_ids for r in res_b]:
+        raise AssertionError("the forced bridge changed the tokens of a same-tokenizer pair")
+    n = sum(len(r.token_ids) for r in res_p)
+    st = bridged.bridge_stats
+    row = {
+        "what": "same-vocab",
+        "base": VALUE,
+        "value": VALUE,
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch": len(PROMPTS),
+        "base_tokens": n,
+        "fed_per_token": round(st["fed"] / max(1, st["steps"]), 3),
+        "ms_per_token_bridged": round(1e3 * t_b / max(1, n), 2),
+        "ms_per_token_same_vocab": round(1e3 * t_p / max(1, n), 2),
+    }
+    print(row)
+    return [row]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus-chars", type=int, default=200_000)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--only-same-vocab", action="store_true", help="just the same-vocab rows")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    rows = bench_maps(args.corpus_chars)
+    dtype = getattr(torch, args.dtype)  # float32: bf16 matmuls are slow on CPUs without AVX512-BF16
+    rows = [] if args.only_same_vocab else bench_maps(args.corpus_chars)
     if not args.skip_generate:
-        rows += bench_generate(args.max_new_tokens, torch.bfloat16)
+        rows += bench_same_vocab(args.max_new_tokens, dtype)
+    if not (args.skip_generate or args.only_same_vocab):
+        rows += bench_generate(args.max_new_tokens, dtype)
     fields = list(dict.fromkeys(k for row in rows for k in row))
     print(append_csv("vocab", [{k: row.get(k, "") for k in fields} for row in rows]))
 
