@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import os
 import platform
 import statistics
@@ -78,15 +79,31 @@ def provenance() -> dict[str, str]:
 
 
 def append_csv(name: str, rows: list[dict[str, object]]) -> Path:
-    """Append rows (with provenance) to benchmarks/results/<name>.csv, writing a header once."""
+    """Append rows (with provenance) to benchmarks/results/<name>.csv under its header.
+
+    Columns are matched by name; rows with columns the file lacks widen the header (the file is
+    rewritten atomically, older rows get empty cells), so rows of different kinds share a file.
+    """
+    from ivl._fs import atomic_write_text
+
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.csv"
     stamp = provenance()
     rows = [{**row, **stamp} for row in rows]
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    old: list[dict[str, str]] = []
+    header: list[str] = []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header, old = list(reader.fieldnames or []), list(reader)
+    fields = list(dict.fromkeys([*header, *(k for row in rows for k in row)]))
+    if header and fields == header:
+        with path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields, restval="").writerows(rows)
+        return path
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([*old, *rows])
+    atomic_write_text(path, buf.getvalue())
     return path
