@@ -19,6 +19,14 @@ from .reference import INVALID_TOKEN
 __all__ = ["INVALID_TOKEN", "merge_logits", "merge_sample", "merged_log_softmax"]
 
 
+def _native_merge_args(base, value, alpha, vocab_map, fill, vocab_limit) -> tuple:
+    """Validated positional merge arguments of the native ops (shared by all three)."""
+    vmap, vocab_limit = check_merge_inputs(base, value, vocab_map, vocab_limit)
+    index, weight = vmap if vmap is not None else (None, None)
+    a = alpha_rows(alpha, base.shape[0], base.device)
+    return base, value, a, index, weight, float(fill), vocab_limit
+
+
 def _native_merge_logits(
     base: torch.Tensor,
     value: torch.Tensor | None,
@@ -30,10 +38,9 @@ def _native_merge_logits(
 ) -> torch.Tensor:
     from . import _native
 
-    vmap, vocab_limit = check_merge_inputs(base, value, vocab_map, vocab_limit)
-    index, weight = vmap if vmap is not None else (None, None)
-    a = alpha_rows(alpha, base.shape[0], base.device)
-    return _native.merge_logits(base, value, a, index, weight, float(fill), vocab_limit)
+    return _native.merge_logits(
+        *_native_merge_args(base, value, alpha, vocab_map, fill, vocab_limit)
+    )
 
 
 def _native_merged_log_softmax(
@@ -47,10 +54,8 @@ def _native_merged_log_softmax(
 ) -> torch.Tensor:
     from . import _native
 
-    vmap, vocab_limit = check_merge_inputs(base, value, vocab_map, vocab_limit)
-    index, weight = vmap if vmap is not None else (None, None)
-    a = alpha_rows(alpha, base.shape[0], base.device)
-    return _native.merged_log_softmax(base, value, a, index, weight, float(fill), vocab_limit)
+    args = _native_merge_args(base, value, alpha, vocab_map, fill, vocab_limit)
+    return _native.merged_log_softmax(*args)
 
 
 def _native_merge_sample(
@@ -70,12 +75,9 @@ def _native_merge_sample(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from . import _native
 
-    vmap, vocab_limit = check_merge_inputs(base, value, vocab_map, vocab_limit)
-    index, weight = vmap if vmap is not None else (None, None)
-    n = base.shape[0]
-    a = alpha_rows(alpha, n, base.device)
+    merge_args = _native_merge_args(base, value, alpha, vocab_map, fill, vocab_limit)
     p = sampling_rows(
-        n,
+        base.shape[0],
         base.device,
         temperature=temperature,
         top_k=top_k,
@@ -85,13 +87,7 @@ def _native_merge_sample(
         step=step,
     )
     return _native.merge_sample(
-        base,
-        value,
-        a,
-        index,
-        weight,
-        float(fill),
-        vocab_limit,
+        *merge_args,
         p["temperature"],
         p["top_k"],
         p["top_p"],
