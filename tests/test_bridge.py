@@ -55,6 +55,12 @@ FRAGMENTS = [
     ".",
     "!",
     "'s",
+    "'l",
+    "l",
+    "'LL",
+    "\r\n",
+    "<|im_start|>",  # an added token of SmolLM2 and Qwen2 that GPT-2 spells as plain text
+    "<start_of_turn>",  # Gemma3's
     "123",
     " 4567",
     "3.14",
@@ -96,7 +102,13 @@ def check_pair(base: str, value: str, text: str, prompt_len: int) -> None:
     state = br.start(ids[:cut])
     committed = list(state.ids[: state.committed])
     for i in range(cut, len(ids)):
+        in_cache = list(state.ids)  # what the engine has fed the value model so far
+        state.cached = len(in_cache)
         br.step(state, ids[i])
+        if state.ids:  # (the engine refuses prompts without text for the value model)
+            keep, new = state.feed()  # the engine crops the value cache to keep, feeds new
+            assert in_cache[:keep] == state.ids[:keep], "stale ids left in the value cache"
+            assert state.ids[keep:] == new and new
         ref = br.reference(ids[: i + 1])
         # the spec: the value prefix + the value encoding of the base text, which is the
         # tokenizer's own decoding whenever that holds no incomplete character
@@ -109,9 +121,10 @@ def check_pair(base: str, value: str, text: str, prompt_len: int) -> None:
             assert text == decoded
         else:  # only the bytes of one incomplete character are held back
             assert len(decoded.encode()) - len(text.encode()) <= 3 * decoded.count("\ufffd")
-        assert ref == br.value_prefix + (
-            vt(text, add_special_tokens=False)["input_ids"] if text else []
-        )
+        if not any(t in br.base_special for t in br._strip_prefix(ids[: i + 1])):  # one text run
+            assert ref == br.value_prefix + (
+                vt(text, add_special_tokens=False)["input_ids"] if text else []
+            )
         assert state.fallback_cuts == 0
         assert state.ids == ref, (i, repr(decoded[-20:]))
         # committed ids never change once committed
@@ -120,8 +133,12 @@ def check_pair(base: str, value: str, text: str, prompt_len: int) -> None:
     # decoding round-trips (where the value tokenizer can spell the text at all: SmolLM2
     # lacks some bytes)
     want = _norm(value, bt.decode(ids, skip_special_tokens=True))
-    own = vt.decode(vt(want, add_special_tokens=False)["input_ids"])
-    got = vt.decode(state.ids[len(br.value_prefix) :], clean_up_tokenization_spaces=False)
+    own = vt.decode(vt(want, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    got = vt.decode(
+        state.ids[len(br.value_prefix) :],
+        skip_special_tokens=True,
+        clean_up_tokenization_spaces=False,
+    )
     if own == want:
         assert got == want
 
@@ -155,7 +172,9 @@ def test_bridge_reencodes_only_a_short_tail():
         longest = max(longest, len(state.tail))
     assert state.ids == br.reference(ids)
     assert longest <= 40, longest
-    assert state.encoded / state.steps < 8
+    # a base token that starts a word re-encodes itself only, one that continues a word that
+    # word (the rule for byte-level value tokenizers)
+    assert state.encoded / state.steps <= 1.5, state.encoded / state.steps
 
 
 def test_bridge_fallback_boundary_on_long_runs():
@@ -198,7 +217,8 @@ def test_bridge_specials_are_boundaries():
 @pytest.fixture(scope="module")
 def pair():
     base, btok = tiny_model("qwen2", "gpt2", seed=1)
-    value, vtok = tiny_model("llama", "smollm2", seed=2)
+    # a value whose logits move the argmax (so a stale value cache changes the tokens)
+    value, vtok = tiny_model("llama", "smollm2", seed=2, initializer_range=0.5)
     return (base, btok), (value, vtok)
 
 
