@@ -56,12 +56,24 @@ def read_bandwidth(nbytes: int = 256 << 20, device: str = "cpu") -> float:
     return nbytes / p50(x.sum, reps=10, device=device) / 1e9
 
 
+_CODE_PATHS = ("ivl", "csrc", "benchmarks/*.py")
+
+
 def provenance() -> dict[str, str]:
     """Machine, versions and date stamped on every CSV row."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip()
+        # code changed since that commit: the row does not describe the commit alone
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", *_CODE_PATHS],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        if commit and changed:
+            commit += "+dirty"
     except OSError:
         commit = ""
     cpu = platform.processor() or platform.machine()

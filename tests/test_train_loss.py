@@ -14,7 +14,7 @@ import torch
 
 from ivl.models.tiny import tiny_model
 from ivl.train import data as D
-from ivl.train.loss import merged_loss, naive_merged_loss
+from ivl.train.loss import even_chunk, merged_loss, naive_merged_loss
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -87,6 +87,33 @@ def test_chunked_matches_naive(pair, masked, lam, chunk):
         torch.testing.assert_close(got[n], p.grad, rtol=RTOL, atol=ATOL, msg=n)
     assert parts.n_ce == int((labels[:, 1:] != -100).sum())
     assert parts.n_penalty == (parts.n_ce if masked else int(mask.sum()))
+
+
+def test_even_chunks():
+    """Rows split into as few chunks as the limit allows, of near-equal lengths."""
+    assert even_chunk(128, 110) == 64  # two chunks of 64, not 110 + 18
+    assert even_chunk(128, 220) == 128
+    assert even_chunk(1024, 220) == 205  # five chunks
+    assert even_chunk(7, 1) == 1 and even_chunk(0, 50) == 50
+    for rows in range(1, 60):
+        for limit in range(1, 20):
+            c = even_chunk(rows, limit)
+            assert c <= limit and -(-rows // c) == -(-rows // limit)
+
+
+def test_no_supervised_rows_gives_zero_gradients():
+    """No row carries a loss term (lam = 0, nothing supervised): zero gradients, not None."""
+    g = torch.Generator().manual_seed(5)
+    hb = torch.randn(1, 4, 8, generator=g)
+    hv = torch.randn(1, 4, 6, generator=g, requires_grad=True)
+    wb = torch.randn(30, 8, generator=g)
+    wv = torch.randn(30, 6, generator=g, requires_grad=True)
+    labels = torch.full((1, 4), -100)
+    loss, parts = merged_loss(hb, wb, hv, wv, labels, lam=0.0)
+    loss.backward()
+    assert float(loss) == 0.0 and parts.n_ce == 0
+    assert torch.count_nonzero(hv.grad) == 0 and torch.count_nonzero(wv.grad) == 0
+    assert wv.grad.shape == wv.shape
 
 
 def test_backward_scaled_and_once():
