@@ -2,7 +2,8 @@
 
 Rows (benchmarks/results/vocab.csv):
 - ``map``: build time of an exact and a dtw map per (base, value) tokenizer pair on a fixed
-  offline corpus (gsm-symbolic, --corpus-chars characters) and the stored map's bytes;
+  offline corpus (--corpus, default the ShareGPT chats; --corpus-chars characters, default 3 MB)
+  and the stored map's bytes;
 - ``generate``: greedy generation with a value model of another tokenizer: value tokens fed to
   the value model per generated base token (target <= 1.5), value tokens produced by the tail
   re-encodings per base token, ms per token of the bridged pair, of the base alone, and of the
@@ -38,8 +39,8 @@ PROMPTS = [
 ]
 
 
-def bench_maps(corpus_chars: int) -> list[dict]:
-    texts = corpus_texts("gsm-symbolic", max_chars=corpus_chars)
+def bench_maps(corpus: str, corpus_chars: int) -> list[dict]:
+    texts = corpus_texts(corpus, max_chars=corpus_chars)
     vt = load_tokenizer(VALUE)
     rows = []
     for base in BASES:
@@ -58,6 +59,7 @@ def bench_maps(corpus_chars: int) -> list[dict]:
                     "value": VALUE,
                     "kind": kind,
                     "corpus_chars": sum(map(len, texts)) if kind == "dtw" else 0,
+                    "corpus": corpus if kind == "dtw" else "",
                     "build_s": round(secs, 2),
                     "mapped": vmap.n_mapped(),
                     "base_vocab": vmap.base_size,
@@ -159,15 +161,16 @@ def bench_same_vocab(max_new: int, dtype) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus-chars", type=int, default=200_000)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--corpus", default="sharegpt", help="a built-in corpus or a .txt/.jsonl file")
+    ap.add_argument("--corpus-chars", type=int, default=3_000_000)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--only-same-vocab", action="store_true", help="just the same-vocab rows")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = ap.parse_args()
     torch.set_num_threads(2)
     dtype = getattr(torch, args.dtype)  # float32: bf16 matmuls are slow on CPUs without AVX512-BF16
-    rows = [] if args.only_same_vocab else bench_maps(args.corpus_chars)
+    rows = [] if args.only_same_vocab else bench_maps(args.corpus, args.corpus_chars)
     if not args.skip_generate:
         rows += bench_same_vocab(args.max_new_tokens, dtype)
     if not (args.skip_generate or args.only_same_vocab):
