@@ -190,4 +190,17 @@ inline void check_param(const at::Tensor& t, const char* name, at::ScalarType dt
   TORCH_CHECK(t.device() == dev, op, ": ", name, " is on ", t.device(), " but base is on ", dev);
 }
 
+// All per-row parameters of merge_sample (CPU and CUDA entry points).
+inline void check_sample_params(const at::Tensor& temperature, const at::Tensor& top_k,
+                                const at::Tensor& top_p, const at::Tensor& min_p,
+                                const at::Tensor& seed, const at::Tensor& step, int64_t rows,
+                                const at::Device& dev) {
+  check_param(temperature, "temperature", at::kFloat, rows, dev);
+  check_param(top_k, "top_k", at::kLong, rows, dev);
+  check_param(top_p, "top_p", at::kFloat, rows, dev);
+  check_param(min_p, "min_p", at::kFloat, rows, dev);
+  check_param(seed, "seed", at::kLong, rows, dev);
+  check_param(step, "step", at::kLong, rows, dev);
+}
+
 }  // namespace ivl

@@ -248,12 +248,7 @@ std::tuple<at::Tensor, at::Tensor> merge_sample_cpu(
   if (in.value.defined() && in.index.defined()) check_map_range(in.index, in.params.value_cols, op);
   const int64_t B = in.rows;
   const auto dev = base.device();
-  check_param(temperature, "temperature", at::kFloat, B, dev);
-  check_param(top_k, "top_k", at::kLong, B, dev);
-  check_param(top_p, "top_p", at::kFloat, B, dev);
-  check_param(min_p, "min_p", at::kFloat, B, dev);
-  check_param(seed, "seed", at::kLong, B, dev);
-  check_param(step, "step", at::kLong, B, dev);
+  check_sample_params(temperature, top_k, top_p, min_p, seed, step, B, dev);
 
   at::Tensor tokens = at::empty({B}, base.options().dtype(at::kLong));     // [B]
   at::Tensor logprobs = at::empty({B}, base.options().dtype(at::kFloat));  // [B]

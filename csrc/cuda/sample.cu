@@ -54,12 +54,7 @@ std::tuple<at::Tensor, at::Tensor> merge_sample_cuda(
       check_merge_inputs(base, value, alpha, map_index, map_weight, fill, vocab_limit, op);
   const int64_t B = in.rows, V = in.cols;
   const auto dev = base.device();
-  check_param(temperature, "temperature", at::kFloat, B, dev);
-  check_param(top_k, "top_k", at::kLong, B, dev);
-  check_param(top_p, "top_p", at::kFloat, B, dev);
-  check_param(min_p, "min_p", at::kFloat, B, dev);
-  check_param(seed, "seed", at::kLong, B, dev);
-  check_param(step, "step", at::kLong, B, dev);
+  check_sample_params(temperature, top_k, top_p, min_p, seed, step, B, dev);
   const c10::cuda::CUDAGuard guard(dev);
   at::Tensor tokens = at::empty({B}, base.options().dtype(at::kLong));     // [B]
   at::Tensor logprobs = at::empty({B}, base.options().dtype(at::kFloat));  // [B]
