@@ -5,8 +5,8 @@ new_tokens tokens), same prompts:
 
 - ``engine``: IVLEngine.generate_many (residual, paired slot caches), prefill included;
 - ``base_hf``: the base alone, HF ``generate`` with its DynamicCache (the no-value speed);
-- ``floor``: base + value forwards alone with HF DynamicCaches, same batch: prefill, then decode
-  steps timed per step, no merge / sampling / bookkeeping (what the engine cannot beat);
+- ``floor``: base + value forwards alone with HF DynamicCaches, same batch: a batched prefill,
+  then every decode step of the output timed (mean), no merge / sampling / bookkeeping;
 - ``hf_proc``: base HF ``generate`` + ``IVLLogitsProcessor`` (value model with its own cache);
 - ``proxy``: IVLEngine in proxy-tuning mode, three cached models (expert = anti-expert = the
   value weights here: the cost is what matters);
@@ -192,7 +192,10 @@ def _hf_run(model, prompts, *, proc: bool):
 
 @torch.inference_mode()
 def _floor(model, prompts, steps: int) -> tuple[float, float, float]:
-    """(prefill seconds, median decode seconds per step, peak MB) for base + value forwards."""
+    """(prefill seconds, mean decode seconds per step, peak MB) for base + value forwards.
+
+    The mean over all ``steps`` steps of the output, like the engine's decode figure: a step
+    late in a long output attends to a longer prefix and costs more than an early one."""
     from transformers import DynamicCache
 
     ids = torch.tensor(prompts, dtype=torch.int64)
@@ -210,7 +213,7 @@ def _floor(model, prompts, steps: int) -> tuple[float, float, float]:
             for name, m in pairs:
                 m(input_ids=tok, cache=caches[name], use_cache=True, logits_to_keep=1)
             times.append(time.perf_counter() - t0)
-    return prefill, statistics.median(times), mem.peak_mb
+    return prefill, statistics.mean(times), mem.peak_mb
 
 
 def _naive_ms(model, prompt: list[int], k: int) -> float:
@@ -248,12 +251,13 @@ def _shape_rows(residual, proxy, label, dtype, batch, plen, new, naive_tokens, f
             f"ms/decode step, peak {mem.peak_mb:7.1f} MB",
             flush=True,
         )
+    floor_steps = floor_steps or max(1, new - 1)
     prefill, step, peak = _floor(residual, prompts, floor_steps)
     stats["floor"] = dict(
         secs=prefill + new * step,
         peak=peak,
         decode=step,
-        note=f"prefill + {new} x median of {floor_steps} timed decode steps",
+        note=f"prefill + {new} x mean of {floor_steps} timed decode steps",
     )
     k = min(naive_tokens, new)
     first = _naive_ms(residual, prompts[0], k)
@@ -309,7 +313,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=None, help=f"BxPxN,... (default {DEFAULT_SHAPES})")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--naive-tokens", type=int, default=2)
-    ap.add_argument("--floor-steps", type=int, default=16)
+    ap.add_argument(
+        "--floor-steps", type=int, default=None, help="decode steps timed (default: new - 1)"
+    )
     ap.add_argument("--no-csv", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:

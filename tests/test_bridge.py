@@ -345,3 +345,28 @@ def test_cache_extend_crop_per_row(arch):
             full = torch.tensor([s[:k] + new + [21 + slot]])
             want = model(input_ids=full, use_cache=False).logits[0, -1]
             torch.testing.assert_close(got[slot], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_batched_prefill_rows_match_uncached_forward(arch):
+    """prefill_rows: prompts of different lengths, right-padded in one forward from slot 1 on,
+    give each row's last logits and a cache that decodes like an uncached forward."""
+    from ivl.engine.cache import PairedKVCache
+
+    model, _ = tiny_model(arch, "gpt2", seed=5, dtype=torch.float32)
+    cache = PairedKVCache({"base": model}, max_batch=4, max_len=32)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (6, 13, 1)]
+    with torch.inference_mode():
+        got = cache.prefill_rows("base", 1, prompts)
+        for r, p in enumerate(prompts):
+            want = model(input_ids=torch.tensor([p]), use_cache=False).logits[0, -1]
+            torch.testing.assert_close(got[r], want, rtol=1e-4, atol=1e-4)
+            cache.assign(1 + r, len(p))
+        cache.assign(0, 1)  # slot 0: an unrelated request, one token cached (never written)
+        nxt = torch.tensor([7, 8, 9, 10])
+        out = cache.decode("base", 4, nxt)
+        for r, p in enumerate(prompts):
+            full = torch.tensor([[*p, int(nxt[1 + r])]])
+            want = model(input_ids=full, use_cache=False).logits[0, -1]
+            torch.testing.assert_close(out[1 + r], want, rtol=1e-4, atol=1e-4)

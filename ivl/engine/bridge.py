@@ -118,6 +118,10 @@ class Bridge:
             for i in range(1, len(a)):
                 self._added_heads.setdefault(a[:i], []).append(a[i:])
         self._added_longest = max(map(len, self._added_heads), default=0)
+        # added tokens are split out of the raw text before pre-tokenization (longest first)
+        added = sorted({str(a) for a in getattr(value_tok, "added_tokens_decoder", {}).values()})
+        added.sort(key=len, reverse=True)
+        self._added_re = re.compile("|".join(map(re.escape, added))) if added else None
 
     @staticmethod
     def _byte_table(tok) -> list[bytes]:
@@ -195,8 +199,7 @@ class Bridge:
         if kind == "regex":
             if unicodedata.normalize("NFC", new) != new:
                 return
-            spans_old = [o for _, o in arg.pre_tokenize_str(old)]
-            spans_new = [o for _, o in arg.pre_tokenize_str(new)]
+            spans_old, spans_new = self._pretoken_spans(old), self._pretoken_spans(new)
             for j in range(len(spans_new) - 1, 0, -1):
                 c = spans_new[j][0]
                 # a contraction ('l + l) or whitespace + newline can re-split the pre-token
@@ -208,6 +211,22 @@ class Bridge:
             for c in range(len(old), 0, -1):
                 if new[c] == " " and not new[c - 1].isspace() and new[c - 1] not in arg:
                     yield c
+
+    def _pretoken_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character spans of the pre-tokens of ``text`` as the value tokenizer splits it: added
+        tokens first, then the regex pre-tokenizer over the text between them."""
+        pre = self._rule[1]
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        matches = self._added_re.finditer(text) if self._added_re is not None else ()
+        for m in [*matches, None]:
+            end = len(text) if m is None else m.start()
+            if end > pos:
+                spans += [(pos + a, pos + b) for _, (a, b) in pre.pre_tokenize_str(text[pos:end])]
+            if m is not None:
+                spans.append((m.start(), m.end()))
+                pos = m.end()
+        return spans
 
     def _cut_before_step(self, st: BridgeState, delta: str) -> None:
         """First rule: commit the tail up to the latest boundary of ``tail + delta`` that

@@ -2,7 +2,8 @@
 
 Layout (per model, per attention layer)::
 
-    keys, values: [max_batch, kv_heads, max_len, head_dim]     allocated once (first forward)
+    keys, values: [max_batch, kv_heads, max_len + 1, head_dim]   allocated once (first forward;
+                                                                 the last column is scratch)
 
 Slot ``s`` holds one request; its token at position ``p`` lives in column ``p`` (column index ==
 RoPE position, so no padding and no compaction along the sequence axis is ever needed). The
@@ -56,6 +57,7 @@ class _Plan:
     n: int = 0
     pos: torch.Tensor | None = None  # [n] int64 (decode); [n, K] write columns (extend)
     kv_len: int = 0
+    row0: int = 0  # extend: the rows are row0 .. row0 + n - 1
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -93,11 +95,12 @@ class _SlotLayer(CacheLayerMixin):
             self.values[rows, :, p.pos] = value_states[:, :, 0]
             return self.keys[: p.n, :, : p.kv_len], self.values[: p.n, :, : p.kv_len]
         if p.mode == "extend":
-            rows = torch.arange(p.n, device=self.device)[:, None]  # [n, 1]
+            rows = torch.arange(p.row0, p.row0 + p.n, device=self.device)[:, None]  # [n, 1]
             # keys[rows, :, pos] is [n, K, heads, dim]; the new states are [n, heads, K, dim]
             self.keys[rows, :, p.pos] = key_states.transpose(1, 2)
             self.values[rows, :, p.pos] = value_states.transpose(1, 2)
-            return self.keys[: p.n, :, : p.kv_len], self.values[: p.n, :, : p.kv_len]
+            end = p.row0 + p.n
+            return self.keys[p.row0 : end, :, : p.kv_len], self.values[p.row0 : end, :, : p.kv_len]
         raise RuntimeError("SlotCache used outside PairedKVCache.prefill/decode")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -175,7 +178,7 @@ class PairedKVCache:
         Columns per slot: a request's prompt + generated tokens (minus the last) must fit.
     unaligned : dict name -> columns, optional
         Models that keep their own per-slot lengths (a value model reading another
-        tokenization), with their usable columns per slot; one more scratch column is allocated.
+        tokenization), with their usable columns per slot.
     """
 
     def __init__(self, models: dict, max_batch: int, max_len: int, unaligned: dict | None = None):
@@ -187,9 +190,9 @@ class PairedKVCache:
         unaligned = dict(unaligned or {})
         self.columns = {name: int(unaligned.get(name, max_len)) for name in self.models}
         self.caches = {
-            name: SlotCache(
-                _num_layers(m), self._plan, max_batch, self.columns[name] + (name in unaligned)
-            )
+            # one scratch column past the usable ones: padded queries of a batched
+            # prefill / extend write their K/V there (see _padded_forward)
+            name: SlotCache(_num_layers(m), self._plan, max_batch, self.columns[name] + 1)
             for name, m in self.models.items()
         }
         # per-slot lengths of the unaligned models (the others share ``lengths``)
@@ -330,9 +333,27 @@ class PairedKVCache:
         Tokens go to columns ``length(name, r) ...``; lengths advance at once. Returns the logits
         of each row's last new token, [n, V]. Rows must fit: see :meth:`fits`.
         """
-        dev = self._device(name)
         lengths = self.own_lengths[name][:n]
-        counts = [len(x) for x in input_ids[:n]]
+        out = self._padded_forward(name, 0, lengths, input_ids[:n])
+        for r, row in enumerate(input_ids[:n]):
+            self.own_lengths[name][r] += len(row)
+        return out
+
+    def prefill_rows(self, name: str, row0: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill rows ``row0 ..`` of ``name`` with one prompt each (lengths may differ) in one
+        forward, at positions 0 ... Returns each row's last-token logits [rows, V]. Slot lengths
+        are set by :meth:`assign` (aligned models) or :meth:`crop` (unaligned ones)."""
+        return self._padded_forward(name, row0, [0] * len(prompts), prompts)
+
+    def _padded_forward(
+        self, name: str, row0: int, lengths: list[int], input_ids: list[list[int]]
+    ) -> torch.Tensor:
+        """Rows row0 + r get ``input_ids[r]`` at columns ``lengths[r] ...``, padded on the right
+        to the longest: a padded query repeats its row's last real position and writes its K/V
+        into the scratch column, which no real query can see."""
+        dev = self._device(name)
+        n = len(input_ids)
+        counts = [len(x) for x in input_ids]
         if min(counts) < 1:
             raise ValueError("every row needs at least one new token")
         width, scratch = max(counts), self.columns[name]
@@ -341,15 +362,18 @@ class PairedKVCache:
         ids = torch.zeros((n, width), dtype=torch.int64)
         qpos = torch.empty((n, width), dtype=torch.int64)
         wpos = torch.full((n, width), scratch, dtype=torch.int64)
-        for r, (row, ln, c) in enumerate(zip(input_ids, lengths, counts, strict=False)):
+        for r, (row, ln, c) in enumerate(zip(input_ids, lengths, counts, strict=True)):
             ids[r, :c] = torch.as_tensor(row, dtype=torch.int64)
             qpos[r, :c] = torch.arange(ln, ln + c)
             qpos[r, c:] = ln + c - 1  # padding: a copy of the last real query
             wpos[r, :c] = qpos[r, :c]
         kv_len = max(ln + c for ln, c in zip(lengths, counts, strict=True))
         qpos, wpos = qpos.to(dev), wpos.to(dev)
+        # logits only where some row's last token is (the LM head over every padded position
+        # would be [n, width, V])
+        keep = sorted({c - 1 for c in counts})
         p = self._plan
-        p.mode, p.n, p.pos, p.kv_len = "extend", n, wpos, kv_len
+        p.mode, p.n, p.pos, p.kv_len, p.row0 = "extend", n, wpos, kv_len, row0
         try:
             out = self.models[name](
                 input_ids=ids.to(dev),
@@ -357,16 +381,12 @@ class PairedKVCache:
                 attention_mask=self._mask(name, qpos, kv_len, self._dtype(name)),
                 cache=self.caches[name],
                 use_cache=True,
-                logits_to_keep=1 if width == 1 else 0,
+                logits_to_keep=torch.tensor(keep, device=dev),
             )
         finally:
-            p.mode = "idle"
-        for r, c in enumerate(counts):
-            self.own_lengths[name][r] += c
-        last = torch.tensor([c - 1 for c in counts], device=out.logits.device)
-        if width == 1:
-            return out.logits[:, -1]
-        return out.logits[torch.arange(n, device=last.device), last]
+            p.mode, p.row0 = "idle", 0
+        col = torch.tensor([keep.index(c - 1) for c in counts], device=out.logits.device)
+        return out.logits[torch.arange(n, device=col.device), col]
 
     def fits(self, name: str, slot: int, new: int) -> bool:
         """Whether ``new`` more tokens fit in ``slot`` of ``name``."""

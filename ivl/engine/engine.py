@@ -61,6 +61,10 @@ class _Request:
     bridge: BridgeState | None = None
 
 
+# Padded tokens per batched prefill forward (rows x longest prompt): bounds its activations.
+_PREFILL_TOKENS = 8192
+
+
 class _Text:
     """Incremental detokenisation with stop strings (which may span tokens)."""
 
@@ -263,12 +267,15 @@ class IVLEngine:
         logger.warning("request %d failed: %s", req.index, message)
         return StreamEvent(req.index, None, "", req.result)
 
-    def _admit(self, req: _Request, slot: int) -> None:
+    def _admit(self, req: _Request, slot: int) -> bool:
+        """Take ``req`` into ``slot``; True when its prefill is left to :meth:`_prefill_batch`
+        (residual / proxy schemes: prompts admitted together share one forward per model)."""
         m, cache = self.model, self.cache
         ids = req.ids
+        batched = m.bridge is None and m.scheme not in ("cascade", "cascade_no_text")
         if m.bridge is not None:
             self._admit_bridged(req, slot)
-        elif len(ids) > 1:
+        elif len(ids) > 1 and not batched:
             prefix = torch.tensor(ids[:-1], dtype=torch.int64, device=m.device)
             cascade = m.scheme in ("cascade", "cascade_no_text")
             keep = 0 if cascade else 1
@@ -284,6 +291,28 @@ class IVLEngine:
         cache.assign(slot, len(ids) - 1)
         req.pending = ids[-1]
         self._text.start(req)
+        return batched and len(ids) > 1
+
+    def _prefill_batch(self, rows: list[tuple[int, _Request]]) -> None:
+        """Prefill deferred requests: each run of consecutive slots in forwards of at most
+        ``_PREFILL_TOKENS`` padded tokens, one per model (right-padded, see
+        PairedKVCache.prefill_rows)."""
+        m, cache = self.model, self.cache
+        groups: list[list[tuple[int, _Request]]] = []
+        for slot, req in rows:
+            g = groups[-1] if groups else None
+            width = max([len(r.ids) - 1 for _, r in g] + [len(req.ids) - 1]) if g else 0
+            if g and g[-1][0] == slot - 1 and width * (len(g) + 1) <= _PREFILL_TOKENS:
+                g.append((slot, req))
+            else:
+                groups.append([(slot, req)])
+        for g in groups:
+            prompts = [r.ids[:-1] for _, r in g]
+            cache.prefill_rows("base", g[0][0], prompts)
+            if m.value is not None and any(r.params.alpha != 0 for _, r in g):
+                cache.prefill_rows("value", g[0][0], prompts)
+                if m.anti_expert is not None:
+                    cache.prefill_rows("anti", g[0][0], prompts)
 
     def _admit_bridged(self, req: _Request, slot: int) -> None:
         """Base prefill as usual; the value model reads the prompt's text in its own tokens."""
@@ -393,16 +422,19 @@ class IVLEngine:
             yield from events
 
     def _step(self, queue: deque, active: list[_Request]):
-        cache, events = self.cache, []
+        cache, events, deferred = self.cache, [], []
         while queue and len(active) < self.max_batch:
             req = queue.popleft()
             try:
-                self._admit(req, len(active))
+                if self._admit(req, len(active)):
+                    deferred.append((len(active), req))
             except ValueError as e:
                 cache.release(len(active))
                 events.append(self._fail(req, str(e)))
                 continue
             active.append(req)
+        if deferred:
+            self._prefill_batch(deferred)
         if not active:
             return events, active
         zb, zv = self._forward(active)
