@@ -10,8 +10,9 @@ does not pay for torch until an op is used.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ivl._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
@@ -59,10 +60,4 @@ if TYPE_CHECKING:
     from ivl.vocab import VocabMap
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'ivl' has no attribute {name!r}")
-    module = importlib.import_module(_LAZY[name])
-    value = module if name == "zoo" else getattr(module, name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _LAZY, frozenset({"zoo"}))

@@ -7,7 +7,6 @@ Hooked into ``ivl/cli.py`` with ``register(subparsers)``. Exit code 0 when every
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -52,9 +51,8 @@ def _batch(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``ivl batch`` to the ``ivl`` command's subparsers."""
-    from ivl.engine.params import SamplingParams
+    from ivl.engine.cli import add_sampling_args
 
-    d = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
     p = sub.add_parser(
         "batch",
         help="generate for a JSONL/Parquet dataset of prompts on Ray (resumable)",
@@ -81,17 +79,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="how the value network sees its input (default: residual)",
     )
     p.add_argument("--chat", action="store_true", help="apply the chat template to text prompts")
-    p.add_argument("--alpha", type=float, default=d["alpha"], help="value strength (default 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=d["top_k"], help="0 = off")
-    p.add_argument("--top-p", type=float, default=d["top_p"], help="1 = off")
-    p.add_argument("--min-p", type=float, default=d["min_p"], help="0 = off")
-    p.add_argument(
-        "--seed", type=int, default=0, help="base of the per-row seeds (derived from row ids)"
+    add_sampling_args(
+        p, seed_default=0, seed_help="base of the per-row seeds (derived from row ids)"
     )
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     p.add_argument("--workers", type=int, default=1, help="Ray actors, one engine each")
     p.add_argument("--cpus-per-worker", type=float, default=1, help="Ray CPUs per actor")
     p.add_argument(

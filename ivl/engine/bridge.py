@@ -118,10 +118,14 @@ class Bridge:
             for i in range(1, len(a)):
                 self._added_heads.setdefault(a[:i], []).append(a[i:])
         self._added_longest = max(map(len, self._added_heads), default=0)
-        # added tokens are split out of the raw text before pre-tokenization (longest first)
+        # regex rule: added tokens are split out of the raw text before pre-tokenization
+        # (longest first); the other rules never pre-tokenize
         added = sorted({str(a) for a in getattr(value_tok, "added_tokens_decoder", {}).values()})
         added.sort(key=len, reverse=True)
-        self._added_re = re.compile("|".join(map(re.escape, added))) if added else None
+        regex_rule = self._rule is not None and self._rule[0] == "regex"
+        self._added_re = (
+            re.compile("|".join(map(re.escape, added))) if added and regex_rule else None
+        )
 
     @staticmethod
     def _byte_table(tok) -> list[bytes]:

@@ -22,6 +22,22 @@ from pathlib import Path
 _OVERRIDES = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "alpha", "seed", "stop")
 
 
+def add_sampling_args(p: argparse.ArgumentParser, *, seed_default, seed_help: str) -> None:
+    """The sampling options of ``ivl generate`` and ``ivl batch`` (read back by :func:`_params`)."""
+    from ivl.engine.params import SamplingParams
+
+    d = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    p.add_argument("--alpha", type=float, default=d["alpha"], help="value strength (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=d["top_k"], help="0 = off")
+    p.add_argument("--top-p", type=float, default=d["top_p"], help="1 = off")
+    p.add_argument("--min-p", type=float, default=d["min_p"], help="0 = off")
+    p.add_argument("--seed", type=int, default=seed_default, help=seed_help)
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+
+
 def _params(args: argparse.Namespace, **overrides):
     from ivl.engine.params import SamplingParams
 
@@ -123,9 +139,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``ivl generate`` to the ``ivl`` command's subparsers."""
-    from ivl.engine.params import SamplingParams
-
-    d = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
     p = sub.add_parser(
         "generate",
         help="generate with a base model steered by a value network",
@@ -152,15 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", default=None, help="JSONL results (with --input)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    p.add_argument("--alpha", type=float, default=d["alpha"], help="value strength (default 1)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=d["top_k"], help="0 = off")
-    p.add_argument("--top-p", type=float, default=d["top_p"], help="1 = off")
-    p.add_argument("--min-p", type=float, default=d["min_p"], help="0 = off")
-    p.add_argument("--seed", type=int, default=None, help="default: derived per prompt index")
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    add_sampling_args(p, seed_default=None, seed_help="default: derived per prompt index")
     p.add_argument("--max-batch", type=int, default=8, help="concurrent requests (default 8)")
     p.add_argument("--max-len", type=int, default=None, help="positions per request slot")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))

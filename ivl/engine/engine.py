@@ -299,13 +299,16 @@ class IVLEngine:
         PairedKVCache.prefill_rows)."""
         m, cache = self.model, self.cache
         groups: list[list[tuple[int, _Request]]] = []
+        width = 0  # longest prompt of the last group
         for slot, req in rows:
+            n = len(req.ids) - 1
             g = groups[-1] if groups else None
-            width = max([len(r.ids) - 1 for _, r in g] + [len(req.ids) - 1]) if g else 0
-            if g and g[-1][0] == slot - 1 and width * (len(g) + 1) <= _PREFILL_TOKENS:
+            if g and g[-1][0] == slot - 1 and max(width, n) * (len(g) + 1) <= _PREFILL_TOKENS:
                 g.append((slot, req))
+                width = max(width, n)
             else:
                 groups.append([(slot, req)])
+                width = n
         for g in groups:
             prompts = [r.ids[:-1] for _, r in g]
             cache.prefill_rows("base", g[0][0], prompts)

@@ -7,8 +7,7 @@ Names are imported lazily (torch on first use). The lm-eval adapter lives in
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ivl._lazy import lazy_getattr
 
 _LAZY = {
     "ModelSpec": "ivl.eval.harness",
@@ -33,9 +32,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'ivl.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _LAZY)

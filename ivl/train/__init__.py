@@ -6,8 +6,7 @@ points; :func:`merged_loss` is the chunked loss. Names are imported lazily (torc
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ivl._lazy import lazy_getattr
 
 _LAZY = {
     "TrainConfig": "ivl.train.trainer",
@@ -21,9 +20,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'ivl.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(globals(), _LAZY)

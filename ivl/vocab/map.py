@@ -177,28 +177,10 @@ class VocabMap:
         return vmap
 
     # ---- building -------------------------------------------------------------------------
-    @classmethod
-    def build(
-        cls,
-        base_tok,
-        value_tok,
-        *,
-        kind: str = "auto",
-        base_columns: int | None = None,
-        value_columns: int | None = None,
-        corpus: Iterable[str] | None = None,
-        progress: bool = False,
-    ) -> VocabMap:
-        """Build a map (see :func:`build_map`)."""
-        return build_map(
-            base_tok,
-            value_tok,
-            kind=kind,
-            base_columns=base_columns,
-            value_columns=value_columns,
-            corpus=corpus,
-            progress=progress,
-        )
+    @staticmethod
+    def build(base_tok, value_tok, **options) -> VocabMap:
+        """Build a map: :func:`build_map`, same arguments."""
+        return build_map(base_tok, value_tok, **options)
 
 
 def _side(tok, columns: int | None, fingerprint: str) -> dict[str, Any]:
