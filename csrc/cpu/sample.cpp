@@ -69,19 +69,30 @@ struct Rows {
   int64_t alpha_stride;
   MergeParams merge;
   int64_t rows, cols;
+  std::vector<int32_t> codes;  // cpu::map_codes of the map, empty without one
 };
 
 Rows rows_of(const MergeInputs& in) {
   const bool has_value = in.value.defined();
-  return Rows{static_cast<const char*>(in.base.data_ptr()),
-              in.base.stride(0),
-              has_value ? static_cast<const char*>(in.value.data_ptr()) : nullptr,
-              has_value ? in.value.stride(0) : 0,
-              in.alpha.data_ptr<float>(),
-              in.alpha.stride(0),
-              in.params,
-              in.rows,
-              in.cols};
+  Rows x{static_cast<const char*>(in.base.data_ptr()),
+         in.base.stride(0),
+         has_value ? static_cast<const char*>(in.value.data_ptr()) : nullptr,
+         has_value ? in.value.stride(0) : 0,
+         in.alpha.data_ptr<float>(),
+         in.alpha.stride(0),
+         in.params,
+         in.rows,
+         in.cols,
+         {}};
+  const MergeParams& p = x.merge;
+  if (has_value && p.map_index != nullptr && cpu::codes_fit(p)) {
+    const int64_t vb = in.index.numel();
+    x.codes.resize(vb);
+    at::parallel_for(0, vb, int64_t(1) << 15, [&](int64_t b0, int64_t b1) {
+      cpu::map_codes(p, b0, b1, x.codes.data());
+    });
+  }
+  return x;
 }
 
 template <typename TB, typename TV>
@@ -89,8 +100,9 @@ cpu::SpanArgs<TB, TV> span_args(const Rows& x, int64_t r) {
   const TB* base = reinterpret_cast<const TB*>(x.base) + r * x.base_stride;
   const TV* value =
       x.value != nullptr ? reinterpret_cast<const TV*>(x.value) + r * x.value_stride : nullptr;
-  return cpu::SpanArgs<TB, TV>{base,  value,  x.alpha[r * x.alpha_stride], &x.merge, nullptr,
-                               false, nullptr};
+  return cpu::SpanArgs<TB, TV>{base,    value, x.alpha[r * x.alpha_stride],
+                               &x.merge, x.codes.empty() ? nullptr : x.codes.data(),
+                               nullptr, false, nullptr};
 }
 
 // Whether every thread can take whole rows: enough rows to share out evenly, or rows too short
@@ -119,10 +131,11 @@ struct Sampler {
 
   // Phase 1 of one (row, part): merge + stats, the race too for rows without filters; rows with
   // filters keep their merged logits in `row` ([V], the part at its offset).
-  RowStats part_pass(int64_t r, int64_t part, float* row) const {
+  RowStats part_pass(int64_t r, int64_t part, float* row, float race_bound = -INFINITY) const {
     const int64_t begin = part * kPart, end = std::min(V, begin + kPart);
     cpu::SpanArgs<TB, TV> a = span_args<TB, TV>(x, r);
     a.lse = want_lp;
+    a.race_bound = race_bound;
     if (filtered(r)) {
       a.store = row + begin;
     } else if (!params[r].greedy()) {
@@ -171,7 +184,9 @@ struct Sampler {
   // Everything for one row on the calling thread, parts in index order.
   void whole_row(int64_t r, float* row) const {
     RowStats st = part_pass(r, 0, row);
-    for (int64_t k = 1; k < nparts; ++k) st.merge(part_pass(r, k, row));
+    // Each part's race starts from the leader of the parts before it: on real LM rows a fresh
+    // leader lets almost every block of a part through the screen.
+    for (int64_t k = 1; k < nparts; ++k) st.merge(part_pass(r, k, row, st.race.key));
     if (!decide(r, st)) return;
     const auto [tau, bound] = threshold(r, row, st);
     RaceBest best = race_part(r, 0, row, tau, bound);

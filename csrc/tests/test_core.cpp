@@ -489,23 +489,25 @@ int mapped_merge_mismatches(const std::vector<TB>& base, const std::vector<TV>& 
   const int64_t vb = int64_t(base.size()), vv = int64_t(value.size());
   int bad = 0;
   std::vector<float> out(vb);
+  std::vector<int32_t> codes(vb);
   for (float alpha : {0.0f, 0.75f, -2.0f}) {
     for (float fill : {0.0f, -1.5f}) {
       for (int64_t limit : {vb, vb - 13}) {
         const ivl::MergeParams mp{index.data(), weight.data(), fill, limit, vv};
+        ivl::cpu::map_codes(mp, 0, vb, codes.data());
         for (int64_t begin : {int64_t(0), int64_t(5)}) {
           for (bool avx2 : {false, true}) {
             if (avx2 && !ivl::cpu::cpu_has_avx2()) continue;
             const int64_t end = vb - begin;
 #if IVL_X86_DISPATCH
             if (avx2) {
-              ivl::cpu::merge_span_cpu_avx2_for_tests(base.data(), value.data(), alpha, mp, begin,
-                                                      end, out.data());
+              ivl::cpu::merge_span_cpu_avx2_for_tests(base.data(), value.data(), alpha, mp,
+                                                      codes.data(), begin, end, out.data());
             } else
 #endif
             {
-              ivl::cpu::merge_span_cpu<false>(base.data(), value.data(), alpha, mp, begin, end,
-                                               out.data());
+              ivl::cpu::merge_span_cpu<false>(base.data(), value.data(), alpha, mp, codes.data(),
+                                               begin, end, out.data());
             }
             for (int64_t b = begin; b < end; ++b) {
               bad += !same(out[b - begin], ivl::merge_one(base.data(), value.data(), alpha, b, mp));
@@ -560,8 +562,11 @@ void test_span_pass_builds_agree() {
   for (float& x : value) x = normal(gen);
   const ivl::MergeParams mp{index.data(), weight.data(), -0.5f, V - 5, Vv};
   const ivl::SampleRow p{0.8f, 0, 1.0f, 0.0f, 42, 7};
-  ivl::cpu::SpanArgs<ivl::bf16, float> a{base.data(), value.data(), 0.75f, &mp, &p, true, nullptr};
-  ivl::RowStats st[2];
+  std::vector<int32_t> codes(V);
+  ivl::cpu::map_codes(mp, 0, V, codes.data());
+  ivl::cpu::SpanArgs<ivl::bf16, float> a{base.data(), value.data(), 0.75f, &mp, codes.data(),
+                                         &p,          true,         nullptr};
+  ivl::RowStats st[2], carried;
   for (int avx2 = 0; avx2 < 2; ++avx2) {
     if (avx2 && !ivl::cpu::cpu_has_avx2()) {
       st[1] = st[0];
@@ -571,6 +576,13 @@ void test_span_pass_builds_agree() {
       st[avx2].merge(ivl::cpu::span_pass(avx2 != 0, a, b, std::min(V, b + ivl::cpu::kPart)));
     }
   }
+  // Parts started from the leader of the parts before (as one thread runs a row) race the same.
+  for (int64_t b = 0; b < V; b += ivl::cpu::kPart) {
+    ivl::cpu::SpanArgs<ivl::bf16, float> ab = a;
+    ab.race_bound = carried.race.key;
+    carried.merge(ivl::cpu::span_pass(ivl::cpu::cpu_has_avx2(), ab, b, std::min(V, b + ivl::cpu::kPart)));
+  }
+  CHECK(carried.race.index == st[0].race.index && same(carried.race.key, st[0].race.key));
   CHECK(same(st[0].zmax, st[1].zmax) && st[0].argmax == st[1].argmax);
   CHECK(st[0].lse_sum == st[1].lse_sum && same(st[0].lse_ref, st[1].lse_ref));
   CHECK(st[0].race.index == st[1].race.index && same(st[0].race.key, st[1].race.key));

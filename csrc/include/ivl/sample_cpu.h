@@ -176,7 +176,7 @@ __attribute__((target("avx2"), always_inline)) inline void mulhilo8(__m256i c, _
   const __m256i even = _mm256_mul_epu32(c, m);                        // lanes 0, 2, 4, 6
   const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);  // lanes 1, 3, 5, 7
   hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_mullo_epi32(c, m);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);  // no third multiply
 }
 
 // fp32(x) * 2^-32 + 2^-33 for 8 uint32 lanes, rounded exactly as bits_to_uniform: x = hi * 2^16
@@ -264,85 +264,74 @@ IVL_VEC_INLINE F load_widened(const TB* p) {
   }
 }
 
-#if IVL_X86_DISPATCH
-// The low 32 bits of the 8 int64 lanes of (a, b), in order.
-__attribute__((target("avx2"), always_inline)) inline __m256i pack_low32(__m256i a, __m256i b) {
-  const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-  return _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(a, even),
-                                   _mm256_permutevar8x32_epi32(b, even), 0x20);
+// The map as the CPU merge reads it: one int32 code per base id, the value id when it is in
+// range, kUnmappedCode when the map leaves the id unmapped (< 0), kOutOfRangeCode when the
+// value id is >= value_cols (the merged logit is NaN). Computed once per call: a third of the
+// int64 map's bytes per row and no 64-bit lane juggling before each gather.
+constexpr int32_t kUnmappedCode = -1;
+constexpr int32_t kOutOfRangeCode = -2;
+
+// Whether map_codes can encode this map (value ids fit in int32).
+inline bool codes_fit(const MergeParams& p) { return p.value_cols <= INT32_MAX; }
+
+inline void map_codes(const MergeParams& p, int64_t begin, int64_t end, int32_t* codes) {
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t i = p.map_index[b];
+    codes[b] = i < 0 ? kUnmappedCode
+                     : (i < p.value_cols ? static_cast<int32_t>(i) : kOutOfRangeCode);
+  }
 }
 
-// 8 mapped ids of an fp32 value row: the index tests on int64 lanes, one hardware gather
-// (vpgatherdps keeps 8 loads in flight; index 0 where unmapped or out of range).
-__attribute__((target("avx2"))) inline vec::f8 gather8(const float* value_row, const int64_t* index,
-                                                      int64_t value_cols, vec::i8& mapped,
-                                                      vec::i8& in_range) {
-  const __m256i i0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index));
-  const __m256i i1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(index + 4));
-  const __m256i minus1 = _mm256_set1_epi64x(-1), cols = _mm256_set1_epi64x(value_cols);
-  const __m256i m0 = _mm256_cmpgt_epi64(i0, minus1), m1 = _mm256_cmpgt_epi64(i1, minus1);
-  const __m256i ok0 = _mm256_and_si256(m0, _mm256_cmpgt_epi64(cols, i0));
-  const __m256i ok1 = _mm256_and_si256(m1, _mm256_cmpgt_epi64(cols, i1));
-  mapped = (vec::i8)pack_low32(m0, m1);
-  in_range = (vec::i8)pack_low32(ok0, ok1);
-  const __m256i j = pack_low32(_mm256_and_si256(i0, ok0), _mm256_and_si256(i1, ok1));
-  return (vec::f8)_mm256_i32gather_ps(value_row, j, 4);
+#if IVL_X86_DISPATCH
+// 8 value logits of an fp32 row by code (one hardware gather; lanes with a negative code read
+// index 0 and are replaced by the caller).
+__attribute__((target("avx2"))) inline vec::f8 gather8(const float* value_row, vec::i8 codes) {
+  const __m256i c = reinterpret_cast<__m256i>(codes);
+  const __m256i safe = _mm256_and_si256(c, _mm256_cmpgt_epi32(c, _mm256_set1_epi32(-1)));
+  return reinterpret_cast<vec::f8>(_mm256_i32gather_ps(value_row, safe, 4));
 }
 #endif
 
 // With a vocabulary map, merge_span_into (merge.h) turns the rule's selects into branches, which
-// mispredict on partial maps. Here the rule is evaluated with vector selects on L ids at a time,
-// the gather is branch-free (an AVX2 hardware gather for fp32 value rows, else a scalar loop on
-// masked indices), and when the value row overflows L2 (a 150k-vocab fp32 row does) the value of
-// the id kPrefetchAhead positions on is prefetched, keeping many cache misses in flight. Without
-// a map, merge_span_into already vectorises.
+// mispredict on partial maps. Here the rule is evaluated with vector selects on L ids at a time
+// from the int32 codes, and the gather is branch-free (an AVX2 hardware gather for fp32 value
+// rows, else a scalar loop on masked codes). No software prefetch: measured, it slowed the
+// gathers from a value row larger than L2 by 2x. Without a map (or without codes),
+// merge_span_into already vectorises.
 template <bool kAvx2, typename TB, typename TV>
 IVL_VEC_INLINE void merge_span_cpu(const TB* base_row, const TV* value_row, float alpha,
-                                   const MergeParams& p, int64_t begin, int64_t end, float* out) {
-  if (value_row == nullptr || p.map_index == nullptr) {
+                                   const MergeParams& p, const int32_t* codes, int64_t begin,
+                                   int64_t end, float* out) {
+  if (value_row == nullptr || p.map_index == nullptr || codes == nullptr) {
     return merge_span_into(base_row, value_row, alpha, p, begin, end, out);
   }
   using F = typename vec::Native<kAvx2>::F;
   using I = typename vec::Native<kAvx2>::I;
   constexpr int L = vec::lanes<F>;
-  constexpr int64_t kPrefetchAhead = 64;
-  const bool prefetch = p.value_cols * static_cast<int64_t>(sizeof(TV)) > (int64_t(1) << 18);
   const int64_t stop = end < p.vocab_limit ? end : p.vocab_limit;
   const float t = mul_rn(alpha, p.fill);
   int64_t b = begin;
   for (; b + L <= stop; b += L) {
-    if (prefetch && b + kPrefetchAhead + L <= stop) {
-      for (int j = 0; j < L; ++j) {
-        const int64_t k = p.map_index[b + kPrefetchAhead + j];
-        __builtin_prefetch(value_row + (k & -static_cast<int64_t>(k >= 0 && k < p.value_cols)));
-      }
-    }
+    I c;
+    std::memcpy(&c, codes + b, sizeof c);
+    const I mapped = c >= 0;
     F gathered;
-    I mapped, in_range;
-    bool done = false;
 #if IVL_X86_DISPATCH
     if constexpr (kAvx2 && std::is_same_v<TV, float>) {
-      if (p.value_cols <= INT32_MAX) {
-        gathered = gather8(value_row, p.map_index + b, p.value_cols, mapped, in_range);
-        done = true;
-      }
-    }
+      gathered = gather8(value_row, c);
+    } else
 #endif
-    if (!done) {
-      for (int j = 0; j < L; ++j) {  // lanes built in registers; no branch on the map
-        const int64_t i = p.map_index[b + j];
-        const int64_t ok = -static_cast<int64_t>(i >= 0 && i < p.value_cols);
-        gathered[j] = static_cast<float>(value_row[i & ok]);
-        mapped[j] = -static_cast<int32_t>(i >= 0);
-        in_range[j] = static_cast<int32_t>(ok);
-      }
+    {
+      const I safe = c & mapped;
+      for (int j = 0; j < L; ++j) gathered[j] = static_cast<float>(value_row[safe[j]]);
     }
     const F z = load_widened<F>(base_row + b);
     const F s = alpha * vec::load<F>(p.map_weight + b);
     const F with_value = s == 0.0f ? z : z + s * gathered;
     const F unmapped = t == 0.0f ? z : z + t;
-    vec::store(out + (b - begin),
-               mapped != 0 ? (in_range != 0 ? with_value : vec::splat<F>(NAN)) : unmapped);
+    vec::store(out + (b - begin), mapped != 0 ? with_value
+                                              : (c == kUnmappedCode ? unmapped
+                                                                    : vec::splat<F>(NAN)));
   }
   merge_span_into(base_row, value_row, alpha, p, b, end, out + (b - begin));
 }
@@ -401,6 +390,18 @@ IVL_VEC_INLINE int64_t first_index_of(const float* z, int64_t n, float value) {
 // small terms do not round away against an accumulator near 1. The grouping is the same for any
 // vector width, so both builds give the same bits; four independent exp chains per step keep the
 // FP pipes busy.
+#if IVL_X86_DISPATCH
+// lo += fp64(v[0..3]), hi += fp64(v[4..7]) in registers (the vector-extension form goes through
+// the stack two lanes at a time).
+__attribute__((target("avx2"))) inline void widen_add(vec::f8 v, vec::d4& lo, vec::d4& hi) {
+  const __m256 x = reinterpret_cast<__m256>(v);
+  lo = reinterpret_cast<vec::d4>(_mm256_add_pd(reinterpret_cast<__m256d>(lo),
+                                               _mm256_cvtps_pd(_mm256_castps256_ps128(x))));
+  hi = reinterpret_cast<vec::d4>(_mm256_add_pd(reinterpret_cast<__m256d>(hi),
+                                               _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
+}
+#endif
+
 template <bool kAvx2>
 IVL_VEC_INLINE double sum_exp(const float* z, int64_t n, float ref) {
   using F = typename vec::Native<kAvx2>::F;
@@ -408,6 +409,17 @@ IVL_VEC_INLINE double sum_exp(const float* z, int64_t n, float ref) {
   vec::d4 lo = {}, hi = {};  // ids = 0..3 and 4..7 mod 8
   alignas(32) float e[8];
   int64_t i = 0;
+#if IVL_X86_DISPATCH
+  if constexpr (kAvx2) {
+    for (; i + 32 <= n; i += 32) {
+      const F e0 = vec::exp_nonpos(vec::load<F>(z + i) - ref);
+      const F e1 = vec::exp_nonpos(vec::load<F>(z + i + 8) - ref);
+      const F e2 = vec::exp_nonpos(vec::load<F>(z + i + 16) - ref);
+      const F e3 = vec::exp_nonpos(vec::load<F>(z + i + 24) - ref);
+      widen_add((e0 + e1) + (e2 + e3), lo, hi);
+    }
+  }
+#endif
   for (; i + 32 <= n; i += 32) {
     for (int h = 0; h < 8; h += L) {
       const F e0 = vec::exp_nonpos(vec::load<F>(z + i + h) - ref);
@@ -509,31 +521,25 @@ struct SpanArgs {
   const TV* value_row;  // [Vv] or nullptr
   float alpha;
   const MergeParams* merge;
+  const int32_t* codes;   // map_codes of the map ([Vb]), or nullptr
   const SampleRow* race;  // race every token (no filters), or nullptr
   bool lse;               // accumulate the log-sum-exp
   float* store;           // keep the merged logits here ([end - begin]), or nullptr
+  // A key some racing token of the row is known to reach (the leader of the parts already
+  // raced on this thread), or -inf. It only sharpens the race's screen, never the result, so
+  // tokens are the same whether a part starts with it or not.
+  float race_bound = -INFINITY;
 };
 
 template <bool kAvx2, typename TB, typename TV>
 IVL_VEC_INLINE RowStats span_pass_impl(const SpanArgs<TB, TV>& a, int64_t begin, int64_t end) {
   RowStats st;
   const MergeParams mp = *a.merge;  // a local copy: stores to z cannot alias it
-  // With a map whose value row overflows L2, the random gathers are the cost: merging the whole
-  // span in one loop keeps their prefetches streaming (the passes below then read z from L2).
-  const bool gather = a.value_row != nullptr && mp.map_index != nullptr &&
-                      mp.value_cols * static_cast<int64_t>(sizeof(TV)) > (int64_t(1) << 40);
-  thread_local std::vector<float> span_buf;
-  float* whole = a.store;
-  if (gather && whole == nullptr) {
-    if (static_cast<int64_t>(span_buf.size()) < end - begin) span_buf.resize(end - begin);
-    whole = span_buf.data();
-  }
-  if (gather) merge_span_cpu<kAvx2>(a.base_row, a.value_row, a.alpha, mp, begin, end, whole);
   alignas(64) float buf[kChunk];
   for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
     const int64_t n = std::min(kChunk, end - c0);
-    float* z = whole != nullptr ? whole + (c0 - begin) : buf;
-    if (!gather) merge_span_cpu<kAvx2>(a.base_row, a.value_row, a.alpha, mp, c0, c0 + n, z);
+    float* z = a.store != nullptr ? a.store + (c0 - begin) : buf;
+    merge_span_cpu<kAvx2>(a.base_row, a.value_row, a.alpha, mp, a.codes, c0, c0 + n, z);
     const ChunkScan cs = scan_chunk<kAvx2>(z, n);
     st.has_nan |= cs.nan;
     st.has_posinf |= cs.posinf;
@@ -544,7 +550,7 @@ IVL_VEC_INLINE RowStats span_pass_impl(const SpanArgs<TB, TV>& a, int64_t begin,
     if (a.lse) st.add_lse(cs.max, sum_exp<kAvx2>(z, n, cs.max));
     if (a.race != nullptr) {
       // The running argmax's key is reached by a racing token: a bound for the screen.
-      float bound = st.race.key;
+      float bound = st.race.key > a.race_bound ? st.race.key : a.race_bound;
       if (new_max) {
         const float k = gumbel_key(a.race->scale(st.zmax), a.race->seed, a.race->step, st.argmax);
         bound = k > bound ? k : bound;
@@ -582,9 +588,9 @@ __attribute__((target("avx2"), flatten)) inline void race_span_avx2(const float*
 // The AVX2 build of merge_span_cpu, for the C++ tests.
 template <typename TB, typename TV>
 __attribute__((target("avx2"), flatten)) void merge_span_cpu_avx2_for_tests(
-    const TB* base_row, const TV* value_row, float alpha, const MergeParams& p, int64_t begin,
-    int64_t end, float* out) {
-  merge_span_cpu<true>(base_row, value_row, alpha, p, begin, end, out);
+    const TB* base_row, const TV* value_row, float alpha, const MergeParams& p,
+    const int32_t* codes, int64_t begin, int64_t end, float* out) {
+  merge_span_cpu<true>(base_row, value_row, alpha, p, codes, begin, end, out);
 }
 #endif
 
