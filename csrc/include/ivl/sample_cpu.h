@@ -44,7 +44,7 @@ namespace cpu {
 constexpr int64_t kPart = 16384;  // tokens per parallel task; fixed, so results never depend on
                                   // the number of threads
 constexpr int64_t kChunk = 2048;  // tokens per L1-resident chunk (a multiple of kBlock)
-constexpr int64_t kBlock = 64;    // tokens per race block (one max test before any Philox)
+constexpr int64_t kBlock = 64;    // tokens per race block: 16 Philox calls
 
 // Whether the AVX2 builds may run: the CPU has AVX2 and IVL_CPU_SIMD is not "0".
 inline bool cpu_has_avx2() {
@@ -132,19 +132,6 @@ IVL_VEC_INLINE bool any(I m) {
   return r != 0;
 }
 
-// Bit j set where lane j of the mask is set (8-lane masks only occur in the AVX2 build).
-#if IVL_X86_DISPATCH
-__attribute__((target("avx2"))) inline uint32_t mask_bits(i8 m) {  // inlined by flatten
-  return static_cast<uint32_t>(_mm256_movemask_ps(reinterpret_cast<__m256>(m)));
-}
-#endif
-template <typename I>
-IVL_VEC_INLINE uint32_t mask_bits(I m) {
-  uint32_t r = 0;
-  for (int j = 0; j < lanes<I>; ++j) r |= static_cast<uint32_t>(m[j] != 0) << j;
-  return r;
-}
-
 // exp_nonpos of sample.h lane by lane (the same operations, so the same bits).
 template <typename F>
 IVL_VEC_INLINE F exp_nonpos(F x) {
@@ -173,14 +160,12 @@ IVL_VEC_INLINE F log2_floor(F w) {
 }  // namespace vec
 
 // ---------------------------------------------------------------------------------------------
-// Random numbers for 16 groups of 4 vocab ids: w[4k + j] = uniform(4 groups[k] + j)
+// Random numbers for a block of 64 vocab ids [v0, v0 + 64), v0 % 4 == 0: w[i] = uniform(v0 + i)
 // ---------------------------------------------------------------------------------------------
-constexpr int kGroups = 16;  // groups per Philox batch (two 8-lane chains in AVX2)
-
-inline void uniforms_groups_generic(int64_t seed, int64_t step, const uint32_t* groups, float* w) {
-  for (int k = 0; k < kGroups; ++k) {
-    const Philox4x32 x = philox_group(seed, step, groups[k]);
-    for (int j = 0; j < 4; ++j) w[4 * k + j] = bits_to_uniform(x.v[j]);
+inline void uniforms64_generic(int64_t seed, int64_t step, int64_t v0, float* w) {
+  for (int g = 0; g < 16; ++g) {
+    const Philox4x32 x = philox_group(seed, step, (v0 >> 2) + g);
+    for (int j = 0; j < 4; ++j) w[4 * g + j] = bits_to_uniform(x.v[j]);
   }
 }
 
@@ -221,15 +206,15 @@ __attribute__((target("avx2"), always_inline)) inline void store_transposed(__m2
   _mm256_storeu_ps(w + 24, _mm256_permute2f128_ps(g, h, 0x31));  // groups 6, 7
 }
 
-// Philox-4x32-10 for 16 groups: two independent 8-lane chains (one group per 32-bit lane)
-// interleaved, so the multiplier latency of one hides behind the other. The counter's low word is
-// the group number (vocab ids < 2^34), its second word 0.
-__attribute__((target("avx2"))) inline void uniforms_groups_avx2(int64_t seed, int64_t step,
-                                                                 const uint32_t* groups,
-                                                                 float* w) {
+// Philox-4x32-10 for 16 consecutive groups: two independent 8-lane chains (one group per 32-bit
+// lane) interleaved, so the multiplier latency of one hides behind the other.
+__attribute__((target("avx2"))) inline void uniforms64_avx2(int64_t seed, int64_t step,
+                                                            int64_t v0, float* w) {
   const uint64_t s = static_cast<uint64_t>(seed), t = static_cast<uint64_t>(step);
-  __m256i a0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(groups));
-  __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(groups + 8));
+  const __m256i g0 = _mm256_add_epi32(
+      _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(static_cast<uint64_t>(v0) >> 2))),
+      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256i a0 = g0, b0 = _mm256_add_epi32(g0, _mm256_set1_epi32(8));
   __m256i a1 = _mm256_setzero_si256(), b1 = a1;
   __m256i a2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(t))), b2 = a2;
   __m256i a3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(t >> 32))), b3 = a3;
@@ -257,11 +242,11 @@ __attribute__((target("avx2"))) inline void uniforms_groups_avx2(int64_t seed, i
 #endif
 
 template <bool kAvx2>
-IVL_VEC_INLINE void uniforms_groups(int64_t seed, int64_t step, const uint32_t* groups, float* w) {
+IVL_VEC_INLINE void uniforms64(int64_t seed, int64_t step, int64_t v0, float* w) {
 #if IVL_X86_DISPATCH
-  if constexpr (kAvx2) return uniforms_groups_avx2(seed, step, groups, w);
+  if constexpr (kAvx2) return uniforms64_avx2(seed, step, v0, w);
 #endif
-  uniforms_groups_generic(seed, step, groups, w);
+  uniforms64_generic(seed, step, v0, w);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -471,18 +456,11 @@ inline float kept_z_threshold(float tau, float temp) {
 
 // Tokens with s = z / T >= tau take part (tau = -inf: all). `bound` is a key some taking-part
 // token is known to reach (or -inf); it only sharpens the screen, never changes the result.
-// The screen is evaluated in z-space, limit = z * (log2(e) / T) + (margin - lead log2(e)), two
-// operations per lane; the rounding of that form against (z / T - lead) log2(e) + margin is below
-// (|lead| + 64) 2^-21 for every token within reach (s > lead - 24), which the extra margin
-// covers, and tokens further down fail by a wide margin either way.
-//
-// Three levels, each exact. A block of 64 ids whose largest z cannot reach the leader for any
-// uniform is skipped. In the other blocks a token whose limit is below the lowest log2(w) the
-// stream makes (kMinUniformLog2) cannot pass for any uniform either, so only the groups of 4 ids
-// (one Philox call each) holding a token within reach are queued (branch-free), and drawn 16
-// groups at a time; their tokens then take the screen against the leader as it is by then (it
-// only rises, so the screen only tightens), and the few that pass get the exact s = fl(z / T)
-// and key. Groups are queued and drawn in index order, so ties still go to the lowest index.
+// The vector screen is evaluated in z-space, limit = z * (log2(e) / T) + (margin - lead log2(e)),
+// two operations per lane; the rounding of that form against (z / T - lead) log2(e) + margin is
+// below (|lead| + 64) 2^-21 for every token within reach (s > lead - 24), which the extra margin
+// covers, and tokens further down fail by a wide margin either way. The few tokens that pass get
+// the exact s = fl(z / T) and key.
 template <bool kAvx2>
 IVL_VEC_INLINE void race_span_impl(const float* z, int64_t v0, int64_t n, const SampleRow& p,
                                    float tau, float bound, RaceBest& best) {
@@ -493,34 +471,8 @@ IVL_VEC_INLINE void race_span_impl(const float* z, int64_t v0, int64_t n, const 
   const bool unit = temp == 1.0f;  // z / 1 == z exactly: no divisions at all
   const float k1 = unit ? kLog2e : kLog2e / temp;
   const float ztau = unit ? tau : kept_z_threshold(tau, temp);
-  auto leader = [&] { return std::min(best.key > bound ? best.key : bound, FLT_MAX); };
-  auto screen_c = [](float lead) {  // c of the screen limit z * k1 + c against `lead`
-    return (screen_margin(lead) + (std::fabs(lead) + 64.0f) * 0x1p-21f) - lead * kLog2e;
-  };
-  alignas(32) float w[4 * kGroups];
-  uint32_t queue[2 * kGroups];
-  int queued = 0;
-  auto draw = [&](int count) {  // the first `count` queued groups
-    for (int k = count; k < kGroups; ++k) queue[k] = queue[count - 1];  // padding lanes
-    uniforms_groups<kAvx2>(p.seed, p.step, queue, w);
-    const float c = screen_c(leader());
-    for (int k = 0; k < count; ++k) {
-      const int64_t id0 = static_cast<int64_t>(queue[k]) * 4;
-      const float* zg = z + (id0 - v0);
-      const vec::f4 z4 = vec::load<vec::f4>(zg);
-      const vec::i4 pass =
-          (z4 >= ztau) & (vec::log2_floor(vec::load<vec::f4>(w + 4 * k)) <= z4 * k1 + c);
-      if (!vec::any(pass)) continue;
-      for (int j = 0; j < 4; ++j) {  // rare: exact keys, in index order
-        if (pass[j]) {
-          const float sj = unit ? zg[j] : zg[j] / temp;
-          best.offer(add_rn(sj, gumbel_from_uniform(w[4 * k + j])), id0 + j, zg[j]);
-        }
-      }
-    }
-    queued -= count;
-    std::memmove(queue, queue + count, queued * sizeof(uint32_t));
-  };
+  alignas(32) float w[kBlock];
+  alignas(32) int32_t pass[kBlock];
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     const float* zb = z + i;
@@ -528,28 +480,27 @@ IVL_VEC_INLINE void race_span_impl(const float* z, int64_t v0, int64_t n, const 
     for (int j = L; j < kBlock; j += L) m = vec::max(vec::load<F>(zb + j), m);
     const float zmax = vec::hmax(m);
     const float smax = unit ? zmax : zmax / temp;  // s is monotone in z: the block's largest s
-    const float lead = leader();
+    const float lead = std::min(best.key > bound ? best.key : bound, FLT_MAX);
+    const float margin = screen_margin(lead);
     // Skip the block (no random numbers) when no token is kept or none can reach the leader.
-    if (!(zmax >= ztau) || screen_limit(smax, lead, screen_margin(lead)) < kMinUniformLog2) {
-      continue;
-    }
-    const float c = screen_c(lead);
-    uint64_t reach = 0;  // bit j: token i + j is kept and within reach for some uniform
+    if (!(zmax >= ztau) || screen_limit(smax, lead, margin) < kMinUniformLog2) continue;
+    uniforms64<kAvx2>(p.seed, p.step, v0 + i, w);
+    const float c = (margin + (std::fabs(lead) + 64.0f) * 0x1p-21f) - lead * kLog2e;
+    I any = {};
     for (int j = 0; j < kBlock; j += L) {
       const F zj = vec::load<F>(zb + j);
-      const I rj = (zj >= ztau) & (zj * k1 + c >= kMinUniformLog2);
-      reach |= static_cast<uint64_t>(vec::mask_bits(rj)) << j;
+      const I pj = (zj >= ztau) & (vec::log2_floor(vec::load<F>(w + j)) <= zj * k1 + c);
+      std::memcpy(pass + j, &pj, sizeof pj);
+      any |= pj;
     }
-    reach |= reach >> 1;
-    reach |= reach >> 2;  // bit 4g: group g holds a token within reach
-    const uint32_t group0 = static_cast<uint32_t>((v0 + i) >> 2);
-    for (int g = 0; g < kBlock / 4; ++g) {
-      queue[queued] = group0 + g;
-      queued += static_cast<int>((reach >> (4 * g)) & 1);
+    if (!vec::any(any)) continue;
+    for (int j = 0; j < kBlock; ++j) {  // rare: exact keys, in index order
+      if (pass[j]) {
+        const float sj = unit ? zb[j] : zb[j] / temp;
+        best.offer(add_rn(sj, gumbel_from_uniform(w[j])), v0 + i + j, zb[j]);
+      }
     }
-    if (queued >= kGroups) draw(kGroups);
   }
-  while (queued > 0) draw(std::min(queued, kGroups));
   for (; i < n; ++i) {  // the row's last < kBlock ids: scalar, exact s
     const float sj = unit ? z[i] : z[i] / temp;
     if (!(sj >= tau)) continue;
