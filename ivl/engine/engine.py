@@ -272,26 +272,21 @@ class IVLEngine:
         (residual / proxy schemes: prompts admitted together share one forward per model)."""
         m, cache = self.model, self.cache
         ids = req.ids
-        batched = m.bridge is None and m.scheme not in ("cascade", "cascade_no_text")
+        cascade = m.scheme in ("cascade", "cascade_no_text")
         if m.bridge is not None:
             self._admit_bridged(req, slot)
-        elif len(ids) > 1 and not batched:
+        elif cascade and len(ids) > 1:
+            # the value reads softmax(z_base) at every prompt position: one request at a time
             prefix = torch.tensor(ids[:-1], dtype=torch.int64, device=m.device)
-            cascade = m.scheme in ("cascade", "cascade_no_text")
-            keep = 0 if cascade else 1
-            zb = cache.prefill("base", slot, prefix, logits_to_keep=keep)
+            zb = cache.prefill("base", slot, prefix, logits_to_keep=0)
             if m.value is not None and req.params.alpha != 0:
-                if cascade:
-                    emb = m.value_inputs_embeds(prefix, zb)
-                    cache.prefill("value", slot, inputs_embeds=emb)
-                else:
-                    cache.prefill("value", slot, prefix)
+                cache.prefill("value", slot, inputs_embeds=m.value_inputs_embeds(prefix, zb))
                 if m.anti_expert is not None:
                     cache.prefill("anti", slot, prefix)
         cache.assign(slot, len(ids) - 1)
         req.pending = ids[-1]
         self._text.start(req)
-        return batched and len(ids) > 1
+        return m.bridge is None and not cascade and len(ids) > 1
 
     def _prefill_batch(self, rows: list[tuple[int, _Request]]) -> None:
         """Prefill deferred requests: each run of consecutive slots in forwards of at most
