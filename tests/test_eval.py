@@ -287,7 +287,8 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
                     {"label": "ft", "base": "finetunes:ft"},
                     {"label": "broken", "base": other, "value": "values:v", "scheme": "cascade"},
                 ],
-            }
+            },
+            {"name": "e2", "configs": [{"label": "alone again", "base": other}]},
         ],
     }
     f = tmp_path / "suite.json"
@@ -300,15 +301,21 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
         nll_examples=2,
         progress=False,
     )
-    assert [r["config"] for r in rows] == ["alone", "+ value", "ft", "broken"]
+    assert [r["config"] for r in rows] == ["alone", "+ value", "ft", "broken", "alone again"]
     assert all(r["n_acc"] == 2 and r["n_nll"] == 2 for r in rows[:3])
     assert rows[0]["alpha"] == 0.0 and rows[1]["alpha"] == 1.0
     assert rows[1]["nll"] != pytest.approx(rows[0]["nll"])
     assert "failed" in rows[3]["note"] and "residual" in rows[3]["note"]
+    # a configuration listed again is not evaluated again: same numbers, said in the note
+    again = rows[4]
+    assert again["experiment"] == "e2" and again["note"] == "evaluated once, as e / alone"
+    assert again["nll"] == rows[0]["nll"] and again["accuracy"] == rows[0]["accuracy"]
+    assert again["wall_s"] == 0.0 < rows[0]["wall_s"]
     md = (tmp_path / "res" / "tiny.md").read_text()
     assert "| e | + value |" in md and "Failed configurations" in md and "tokens seen" in md
+    assert "- e / broken: failed" in md and "- e2 / alone again" not in md
     assert (tmp_path / "res" / "tiny.png").stat().st_size > 1000
-    assert (tmp_path / "res" / "tiny.csv").read_text().count("\n") == 5
+    assert (tmp_path / "res" / "tiny.csv").read_text().count("\n") == 6
     with pytest.raises(ValueError, match="names no entry"):
         load_suite(
             {
@@ -322,13 +329,21 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
         run_suite(spec, only=["zzz"], out_dir=tmp_path / "res", runs_dir=tmp_path / "runs")
 
 
-def test_builtin_transfer_suite_is_valid():
-    from ivl.eval.suite import TRANSFER, load_suite
+def test_builtin_suites_are_valid():
+    from ivl.eval.suite import TRANSFER, TRANSFER_CPU, load_suite
 
     s = load_suite("transfer")
     assert [e["name"] for e in s["experiments"]] == ["same-family", "cross-family", "ablations"]
     assert s["sizes"]["accuracy_problems"] >= 200
     assert s == load_suite(TRANSFER)
+    cpu = load_suite("transfer-cpu")
+    assert [e["name"] for e in cpu["experiments"]] == ["cross-family", "ablations"]
+    assert cpu["sizes"]["accuracy_problems"] >= 200 and cpu == load_suite(TRANSFER_CPU)
+    # the ablations differ from the reference value in exactly one setting each
+    ref = cpu["values"]["smol"]
+    for name, v in cpu["values"].items():
+        changed = {k for k in {*ref, *v} if ref.get(k) != v.get(k)}
+        assert len(changed) == (0 if name == "smol" else 1), (name, changed)
 
 
 def test_cli_eval_jsonl_and_nll(tmp_path, capsys):
