@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -312,7 +313,9 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
     assert again["nll"] == rows[0]["nll"] and again["accuracy"] == rows[0]["accuracy"]
     assert again["wall_s"] == 0.0 < rows[0]["wall_s"]
     md = (tmp_path / "res" / "tiny.md").read_text()
-    assert "| e | + value |" in md and "Failed configurations" in md and "tokens seen" in md
+    assert "| e | + value |" in md and "Failed configurations" in md
+    assert re.search(r"`values:v`: steps 2, global batch 2, examples 8, tokens seen [1-9]", md)
+    assert re.search(r"`finetunes:ft`: steps 2, .*tokens seen [1-9].*method lora", md)
     assert "- e / broken: failed" in md and "- e2 / alone again" not in md
     assert (tmp_path / "res" / "tiny.png").stat().st_size > 1000
     assert (tmp_path / "res" / "tiny.csv").read_text().count("\n") == 6

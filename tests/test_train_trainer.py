@@ -94,6 +94,9 @@ def test_resume_is_exact(base_dir, tmp_path):
     la = [r["loss"] for r in _metrics(full) if "loss" in r]
     lb = [r["loss"] for r in _metrics(resumed) if "loss" in r]
     assert la == lb
+    # the budget covers the whole run, not just the part after the resume
+    ma, mb = (json.loads((d / "ivl.json").read_text()) for d in (full, resumed))
+    assert ma["tokens_seen"] == mb["tokens_seen"] > 0 and mb["wall_s"] > 0
 
 
 def test_unwritable_out_dir(base_dir, tmp_path):

@@ -321,28 +321,23 @@ def run_suite(
     tag = f"s{sz['train_steps']}-n{sz['train_examples']}"
     need_values, need_fts = _needed(suite, experiments)
     folders: dict[str, str] = {}
-    timings: dict[str, float] = {}
     for name in sorted(need_values):
         v = dict(suite["values"][name])
         out = runs / f"value-{name}-{tag}"
         if not (out / "ivl.json").is_file():
             logger.info("suite: training value %s -> %s", name, out)
-            t0 = time.perf_counter()
             base, init = v.pop("base"), v.pop("value_init")
             train_value(base, init, suite["data"]["recipe"], _train_config(suite, sz, out, **v))
-            timings[f"values:{name}"] = time.perf_counter() - t0
         folders[f"values:{name}"] = str(out)
     for name in sorted(need_fts):
         f = dict(suite["finetunes"][name])
         out = runs / f"ft-{name}-{tag}"
         if not (out / FT_JSON).is_file():
             logger.info("suite: fine-tuning %s -> %s", name, out)
-            t0 = time.perf_counter()
             base, method = f.pop("base"), f.pop("method", "auto")
             finetune(
                 base, suite["data"]["recipe"], _train_config(suite, sz, out, **f), method=method
             )
-            timings[f"finetunes:{name}"] = time.perf_counter() - t0
         folders[f"finetunes:{name}"] = str(out)
 
     n_acc, n_nll = int(sz["accuracy_problems"]), int(sz["nll_examples"])

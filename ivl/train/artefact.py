@@ -3,7 +3,9 @@
 ``ivl.json`` fields: ``format`` (1), ``scheme``, ``alpha`` (default value strength, 1.0),
 ``tokenizer`` (``{"fingerprint", "vocab_size"}``: sha256 of the sorted vocabulary and the special
 tokens), ``training_base`` (name or path, and its fingerprint), ``norm`` (``{"lambda", "masked"}``),
-``data`` (``{"fingerprint", "examples", "source"}``), ``value_init``, ``train`` (the config).
+``data`` (``{"fingerprint", "examples", "source"}``), ``value_init``, ``train`` (the config),
+``tokens_seen`` (all tokens of the demonstrations trained on) and ``wall_s`` (seconds of training,
+summed over resumed runs).
 """
 
 from __future__ import annotations

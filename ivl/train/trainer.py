@@ -581,8 +581,11 @@ def train_value(
     torch.manual_seed(cfg.seed)
 
     step = 0
+    # The training budget so far (all tokens of the demonstrations trained on, and seconds of
+    # training), kept in checkpoints so a resumed run reports the whole run's.
+    budget = {"tokens_seen": 0, "train_s": 0.0}
     if cfg.resume and _checkpoints(out):
-        step = _resume(out, value, opt, sched, data_fp)
+        step, budget = _resume(out, value, opt, sched, data_fp)
         logger.info("resumed from step %d of %d", step, total)
     elif rank == 0:
         (out / METRICS).unlink(missing_ok=True)
@@ -594,6 +597,7 @@ def train_value(
         "total_steps": total,
         "global_batch": global_batch,
         "config": dataclasses.asdict(cfg),
+        "budget": budget,
     }
     metrics_f = (out / METRICS).open("a") if rank == 0 else None
 
@@ -618,6 +622,7 @@ def train_value(
             epoch, pos = divmod(step, steps_per_epoch)
             order = _order(len(train_exs), cfg.seed, epoch)
             batch = [train_exs[i] for i in order[pos * global_batch : (pos + 1) * global_batch]]
+            t_step = time.perf_counter()
             ce_den = max(1, sum(ex.n_supervised for ex in batch))
             pen_den = max(1, sum(runner.pen_count(ex) for ex in batch))
             loss_sum = torch.zeros(3, dtype=torch.float64)  # loss, ce sum, penalty sum
@@ -638,6 +643,8 @@ def train_value(
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            budget["tokens_seen"] += sum(len(ex.input_ids) for ex in batch)
+            budget["train_s"] = round(budget["train_s"] + time.perf_counter() - t_step, 3)
             row = {
                 "step": step,
                 "epoch": step / steps_per_epoch,
@@ -689,6 +696,8 @@ def train_value(
             "norm": {"lambda": cfg.lam, "masked": cfg.masked},
             "data": {"fingerprint": data_fp, "examples": len(train_exs), "source": data_desc},
             "train": {**dataclasses.asdict(cfg), "steps": step, "global_batch": global_batch},
+            "tokens_seen": budget["tokens_seen"],
+            "wall_s": round(budget["train_s"], 1),
         }
         if final_eval is not None:
             meta["eval"] = {"merged_ce": final_eval["ce"]}
@@ -698,7 +707,7 @@ def train_value(
     return out
 
 
-def _resume(out, value, opt, sched, data_fp) -> int:
+def _resume(out, value, opt, sched, data_fp) -> tuple[int, dict]:
     from safetensors.torch import load_file
 
     ck = _checkpoints(out)[-1]
@@ -722,7 +731,7 @@ def _resume(out, value, opt, sched, data_fp) -> int:
     if metrics.exists() and _dist()[0] == 0:
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
-    return step
+    return step, st.get("budget", {"tokens_seen": 0, "train_s": 0.0})
 
 
 def _write_artefact(out: Path, value, tokenizer, meta: dict) -> None:
