@@ -269,7 +269,7 @@ def test_finetune_lowers_training_loss_and_saves_a_base(tmp_path, method):
 
 def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
     pytest.importorskip("reasoning_gym")
-    from ivl.eval.suite import load_suite, run_suite
+    from ivl.eval.suite import load_suite, run_suite, write_suite_report
 
     base = str(save_tiny(tmp_path / "b", "llama", "smollm2", seed=1))
     other = str(save_tiny(tmp_path / "o", "qwen2", "smollm2", seed=2))
@@ -319,6 +319,11 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
     assert "- e / broken: failed" in md and "- e2 / alone again" not in md
     assert (tmp_path / "res" / "tiny.png").stat().st_size > 1000
     assert (tmp_path / "res" / "tiny.csv").read_text().count("\n") == 6
+    sizes = {**load_suite(spec)["sizes"], "accuracy_problems": 0}
+    write_suite_report(load_suite(spec), rows, tmp_path / "res0", sizes, {})
+    assert (
+        "Sizes: accuracy not measured, 200 held-out" in (tmp_path / "res0" / "tiny.md").read_text()
+    )
     with pytest.raises(ValueError, match="names no entry"):
         load_suite(
             {

@@ -432,10 +432,19 @@ def write_suite_report(suite: dict, rows: list[dict], out_dir, sz: dict, folders
     """The suite's CSV / Markdown / PNG, with the sizes, budgets and seeds in the notes."""
     from ivl.eval.finetune import FT_JSON
 
+    accuracy = (
+        f"{sz['accuracy_problems']} held-out-template problems for accuracy (greedy, "
+        f"{sz['max_new_tokens']} new tokens max, 95% Wilson CI)"
+        if sz["accuracy_problems"]
+        else "accuracy not measured"
+    )
+    nll = (
+        f"{sz['nll_examples']} held-out demonstrations for NLL (nats per assistant token)"
+        if sz["nll_examples"]
+        else "NLL not measured"
+    )
     lines = [
-        f"Sizes: {sz['accuracy_problems']} held-out-template problems for accuracy (greedy, "
-        f"{sz['max_new_tokens']} new tokens max, 95% Wilson CI), {sz['nll_examples']} held-out "
-        f"demonstrations for NLL (nats per assistant token); training: {sz['train_steps']} "
+        f"Sizes: {accuracy}, {nll}; training: {sz['train_steps']} "
         f"optimizer steps over {sz['train_examples']} {suite['data']['recipe']} demonstrations, "
         f"seed {suite['data'].get('seed', 0)}; train settings {json.dumps(suite['train'])}.",
         "",
