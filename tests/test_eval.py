@@ -337,6 +337,24 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
         run_suite(spec, only=["zzz"], out_dir=tmp_path / "res", runs_dir=tmp_path / "runs")
 
 
+def test_report_plot_draws_the_metrics_a_run_measured(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from ivl.eval.report import plot
+
+    both = [
+        {"config": "a", "accuracy": 0.1, "ci_low": 0.05, "ci_high": 0.2, "nll": 1.4},
+        {"config": "b", "accuracy": 0.2, "ci_low": 0.1, "ci_high": 0.3, "nll": 1.3},
+    ]
+    nll_only = [{"config": "a", "nll": 1.4}, {"config": "b", "nll": 1.3}]
+    w_both = Image.open(plot(tmp_path / "both.png", both)).size[0]
+    w_one = Image.open(plot(tmp_path / "nll.png", nll_only)).size[0]
+    assert w_one < 0.6 * w_both  # one panel, not an empty accuracy panel beside it
+    assert plot(tmp_path / "none.png", [{"config": "a"}]) is None
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_builtin_suites_are_valid():
     from ivl.eval.suite import TRANSFER, TRANSFER_CPU, load_suite
 

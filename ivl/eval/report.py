@@ -79,7 +79,32 @@ def plot(path, rows: Sequence[dict], title: str = "") -> Path | None:
         return None
     labels = [f"{r.get('experiment', '')}: {r['config']}".strip(": ") for r in rows]
     y = list(range(len(rows)))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.6), sharey=True)
+    # one panel per measured metric (a run may skip accuracy or NLL)
+    panels = [m for m in ("accuracy", "nll") if any(r.get(m) is not None for r in rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.5 * len(panels), 0.45 * len(rows) + 1.6), sharey=True
+    )
+    axes = dict(zip(panels, axes if len(panels) > 1 else [axes], strict=True))
+    for ax in axes.values():
+        ax.set_yticks(y, labels)
+        ax.grid(axis="x", alpha=0.3)
+    axes[panels[0]].invert_yaxis()
+    if "accuracy" in axes:
+        _accuracy_panel(axes["accuracy"], rows, y)
+    if "nll" in axes:
+        _nll_panel(axes["nll"], rows, y)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _accuracy_panel(a1, rows, y) -> None:
     acc = [100 * r["accuracy"] if r.get("accuracy") is not None else math.nan for r in rows]
     err = [
         [
@@ -93,24 +118,22 @@ def plot(path, rows: Sequence[dict], title: str = "") -> Path | None:
     ]
     a1.barh(y, acc, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
     a1.set_xlabel("accuracy % (95% Wilson CI)")
-    a1.set_yticks(y, labels)
-    a1.invert_yaxis()
+
+
+def _nll_panel(a2, rows, y) -> None:
     nll = [r["nll"] if r.get("nll") is not None else math.nan for r in rows]
-    a2.barh(y, nll, color="tab:orange", alpha=0.8)
-    a2.set_xlabel("held-out NLL (nats / token, lower is better)")
+    # Points, not bars: the axis is zoomed onto the values, and a bar's length would then
+    # exaggerate the differences. Each point carries its value.
+    a2.plot(nll, y, "o", color="tab:orange")
+    a2.set_xlabel("held-out NLL (nats / token, lower is better; axis zoomed)")
     finite = [x for x in nll if not math.isnan(x)]
     if finite:
         lo, hi = min(finite), max(finite)
-        a2.set_xlim(max(0.0, lo - 0.2 * (hi - lo + 1e-3)), hi + 0.1 * (hi - lo + 1e-3))
-    for ax in (a1, a2):
-        ax.grid(axis="x", alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+        pad = 0.15 * (hi - lo + 1e-3)
+        a2.set_xlim(lo - pad, hi + 2 * pad)
+        for v, yy in zip(nll, y, strict=True):
+            if not math.isnan(v):
+                a2.annotate(f"{v:.3f}", (v, yy), xytext=(6, -3), textcoords="offset points")
 
 
 def write_report(out_dir, name: str, rows: Sequence[dict], *, title: str = "", notes: str = ""):
