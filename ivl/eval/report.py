@@ -104,7 +104,7 @@ def plot(path, rows: Sequence[dict], title: str = "") -> Path | None:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _accuracy_panel(a1, rows, y) -> None:
+def _accuracy_panel(ax, rows, y) -> None:
     acc = [100 * r["accuracy"] if r.get("accuracy") is not None else math.nan for r in rows]
     err = [
         [
@@ -116,24 +116,24 @@ def _accuracy_panel(a1, rows, y) -> None:
             for a, r in zip(acc, rows, strict=True)
         ],
     ]
-    a1.barh(y, acc, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
-    a1.set_xlabel("accuracy % (95% Wilson CI)")
+    ax.barh(y, acc, xerr=err, color="tab:blue", alpha=0.8, capsize=3)
+    ax.set_xlabel("accuracy % (95% Wilson CI)")
 
 
-def _nll_panel(a2, rows, y) -> None:
+def _nll_panel(ax, rows, y) -> None:
     nll = [r["nll"] if r.get("nll") is not None else math.nan for r in rows]
     # Points, not bars: the axis is zoomed onto the values, and a bar's length would then
     # exaggerate the differences. Each point carries its value.
-    a2.plot(nll, y, "o", color="tab:orange")
-    a2.set_xlabel("held-out NLL (nats / token, lower is better; axis zoomed)")
+    ax.plot(nll, y, "o", color="tab:orange")
+    ax.set_xlabel("held-out NLL (nats / token, lower is better; axis zoomed)")
     finite = [x for x in nll if not math.isnan(x)]
     if finite:
         lo, hi = min(finite), max(finite)
         pad = 0.15 * (hi - lo + 1e-3)
-        a2.set_xlim(lo - pad, hi + 2 * pad)
+        ax.set_xlim(lo - pad, hi + 2 * pad)
         for v, yy in zip(nll, y, strict=True):
             if not math.isnan(v):
-                a2.annotate(f"{v:.3f}", (v, yy), xytext=(6, -3), textcoords="offset points")
+                ax.annotate(f"{v:.3f}", (v, yy), xytext=(6, -3), textcoords="offset points")
 
 
 def write_report(out_dir, name: str, rows: Sequence[dict], *, title: str = "", notes: str = ""):

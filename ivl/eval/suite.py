@@ -40,6 +40,62 @@ logger = logging.getLogger("ivl")
 Q05, Q15 = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 SMOL, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
 
+
+def _smol_values(init: str, other_init: tuple[str, str]) -> dict[str, dict]:
+    """Issue 7's ablation values on SmolLM2: a reference (residual, ``init``, lambda 1 averaged
+    over every position) and one value per changed setting; ``other_init`` = (name, init) is the
+    initialisation ablation."""
+    ref = {"base": SMOL, "value_init": init}
+    name, other = other_init
+    return {
+        "smol": ref,
+        "smol-cascade": {**ref, "scheme": "cascade"},
+        "smol-cascade-no-text": {**ref, "scheme": "cascade_no_text"},
+        name: {**ref, "value_init": other},
+        "smol-lam0": {**ref, "lam": 0.0},
+        "smol-lam1-masked": {**ref, "masked": True},
+    }
+
+
+def _ablations(reference_label: str, init_label: str, init_value: str) -> dict:
+    """The ablations experiment over :func:`_smol_values`."""
+    return {
+        "name": "ablations",
+        "configs": [
+            {"label": "SmolLM2 alone", "base": SMOL},
+            {"label": reference_label, "base": SMOL, "value": "values:smol"},
+            {"label": "cascade", "base": SMOL, "value": "values:smol-cascade"},
+            {"label": "cascade_no_text", "base": SMOL, "value": "values:smol-cascade-no-text"},
+            {"label": init_label, "base": SMOL, "value": f"values:{init_value}"},
+            {"label": "lambda 0", "base": SMOL, "value": "values:smol-lam0"},
+            {"label": "lambda 1 masked", "base": SMOL, "value": "values:smol-lam1-masked"},
+        ],
+    }
+
+
+# The SmolLM2 value ("values:smol") on its own base and on two other families.
+CROSS_FAMILY: dict[str, Any] = {
+    "name": "cross-family",
+    "configs": [
+        {"label": "SmolLM2 alone", "base": SMOL},
+        {"label": "SmolLM2 + value", "base": SMOL, "value": "values:smol"},
+        {"label": "Qwen-0.5B alone", "base": Q05},
+        {
+            "label": "Qwen-0.5B + SmolLM2 value",
+            "base": Q05,
+            "value": "values:smol",
+            "vocab_map": "auto",
+        },
+        {"label": "Gemma-270M alone", "base": GEMMA},
+        {
+            "label": "Gemma-270M + SmolLM2 value",
+            "base": GEMMA,
+            "value": "values:smol",
+            "vocab_map": "auto",
+        },
+    ],
+}
+
 TRANSFER: dict[str, Any] = {
     "name": "transfer",
     "title": "Transferring a value network across base models (GSM-Symbolic, held-out templates)",
@@ -64,12 +120,7 @@ TRANSFER: dict[str, Any] = {
         # A pretrained init (the base's own checkpoint): the value starts as a competent LM of
         # the same family, so few steps suffice and it reads the tokens the way the base does.
         "qwen05": {"base": Q05, "value_init": Q05},
-        "smol": {"base": SMOL, "value_init": SMOL},
-        "smol-cascade": {"base": SMOL, "value_init": SMOL, "scheme": "cascade"},
-        "smol-cascade-no-text": {"base": SMOL, "value_init": SMOL, "scheme": "cascade_no_text"},
-        "smol-random": {"base": SMOL, "value_init": "random"},
-        "smol-lam0": {"base": SMOL, "value_init": SMOL, "lam": 0.0},
-        "smol-lam1-masked": {"base": SMOL, "value_init": SMOL, "lam": 1.0, "masked": True},
+        **_smol_values(SMOL, ("smol-random", "random")),
     },
     "finetunes": {
         "qwen15-lora": {"base": Q15, "method": "lora"},
@@ -93,43 +144,8 @@ TRANSFER: dict[str, Any] = {
                 {"label": "Qwen-0.5B + value", "base": Q05, "value": "values:qwen05"},
             ],
         },
-        {
-            "name": "cross-family",
-            "configs": [
-                {"label": "SmolLM2 alone", "base": SMOL},
-                {"label": "SmolLM2 + value", "base": SMOL, "value": "values:smol"},
-                {"label": "Qwen-0.5B alone", "base": Q05},
-                {
-                    "label": "Qwen-0.5B + SmolLM2 value",
-                    "base": Q05,
-                    "value": "values:smol",
-                    "vocab_map": "auto",
-                },
-                {"label": "Gemma-270M alone", "base": GEMMA},
-                {
-                    "label": "Gemma-270M + SmolLM2 value",
-                    "base": GEMMA,
-                    "value": "values:smol",
-                    "vocab_map": "auto",
-                },
-            ],
-        },
-        {
-            "name": "ablations",
-            "configs": [
-                {"label": "SmolLM2 alone", "base": SMOL},
-                {"label": "residual, pretrained, lambda 1", "base": SMOL, "value": "values:smol"},
-                {"label": "cascade", "base": SMOL, "value": "values:smol-cascade"},
-                {
-                    "label": "cascade_no_text",
-                    "base": SMOL,
-                    "value": "values:smol-cascade-no-text",
-                },
-                {"label": "random init", "base": SMOL, "value": "values:smol-random"},
-                {"label": "lambda 0", "base": SMOL, "value": "values:smol-lam0"},
-                {"label": "lambda 1 masked", "base": SMOL, "value": "values:smol-lam1-masked"},
-            ],
-        },
+        CROSS_FAMILY,
+        _ablations("residual, pretrained, lambda 1", "random init", "smol-random"),
     ],
 }
 
@@ -139,7 +155,6 @@ TRANSFER: dict[str, Any] = {
 # cannot hurt the base before it has learnt, and lr 1e-3 suits it); the init ablation replaces it
 # by the first 2 layers of the pretrained checkpoint (same size and cost). Same-family transfer to
 # Qwen-1.5B is left out: the 1.5B decodes ~2.7 tokens/s here.
-_SMOL_VALUE = {"base": SMOL, "value_init": "random-2-layers"}
 TRANSFER_CPU: dict[str, Any] = {
     "name": "transfer-cpu",
     "title": "Transferring a small value network (GSM-Symbolic, held-out templates, 2 CPU cores)",
@@ -160,52 +175,10 @@ TRANSFER_CPU: dict[str, Any] = {
         "max_length": 384,
         "seed": 0,
     },
-    "values": {
-        "smol": _SMOL_VALUE,
-        "smol-cascade": {**_SMOL_VALUE, "scheme": "cascade"},
-        "smol-cascade-no-text": {**_SMOL_VALUE, "scheme": "cascade_no_text"},
-        "smol-pretrained": {"base": SMOL, "value_init": "first-2-layers"},
-        "smol-lam0": {**_SMOL_VALUE, "lam": 0.0},
-        "smol-lam1-masked": {**_SMOL_VALUE, "masked": True},
-    },
+    "values": _smol_values("random-2-layers", ("smol-pretrained", "first-2-layers")),
     "experiments": [
-        {
-            "name": "cross-family",
-            "configs": [
-                {"label": "SmolLM2 alone", "base": SMOL},
-                {"label": "SmolLM2 + value", "base": SMOL, "value": "values:smol"},
-                {"label": "Qwen-0.5B alone", "base": Q05},
-                {
-                    "label": "Qwen-0.5B + SmolLM2 value",
-                    "base": Q05,
-                    "value": "values:smol",
-                    "vocab_map": "auto",
-                },
-                {"label": "Gemma-270M alone", "base": GEMMA},
-                {
-                    "label": "Gemma-270M + SmolLM2 value",
-                    "base": GEMMA,
-                    "value": "values:smol",
-                    "vocab_map": "auto",
-                },
-            ],
-        },
-        {
-            "name": "ablations",
-            "configs": [
-                {"label": "SmolLM2 alone", "base": SMOL},
-                {"label": "residual, random init, lambda 1", "base": SMOL, "value": "values:smol"},
-                {"label": "cascade", "base": SMOL, "value": "values:smol-cascade"},
-                {
-                    "label": "cascade_no_text",
-                    "base": SMOL,
-                    "value": "values:smol-cascade-no-text",
-                },
-                {"label": "pretrained init", "base": SMOL, "value": "values:smol-pretrained"},
-                {"label": "lambda 0", "base": SMOL, "value": "values:smol-lam0"},
-                {"label": "lambda 1 masked", "base": SMOL, "value": "values:smol-lam1-masked"},
-            ],
-        },
+        CROSS_FAMILY,
+        _ablations("residual, random init, lambda 1", "pretrained init", "smol-pretrained"),
     ],
 }
 
@@ -347,9 +320,7 @@ def run_suite(
     for exp in experiments:
         for c in exp["configs"]:
             rows.append(
-                _evaluate_config(
-                    suite, exp["name"], c, folders, problems, n_acc, n_nll, sz, progress, evaluated
-                )
+                _evaluate_config(suite, exp["name"], c, folders, problems, sz, progress, evaluated)
             )
             write_suite_report(suite, rows, out_dir, sz, folders)
     return rows
@@ -358,9 +329,8 @@ def run_suite(
 _METRICS = ("n_nll", "nll", "ppl", "n_acc", "accuracy", "ci_low", "ci_high", "gen_tokens", "sample")
 
 
-def _evaluate_config(
-    suite, experiment, c, folders, problems, n_acc, n_nll, sz, progress, evaluated
-) -> dict:
+def _evaluate_config(suite, experiment, c, folders, problems, sz, progress, evaluated) -> dict:
+    n_acc, n_nll = int(sz["accuracy_problems"]), int(sz["nll_examples"])
     value_ref = c.get("value")
     scheme = c.get("scheme")
     if scheme is None and isinstance(value_ref, str) and value_ref.startswith("values:"):

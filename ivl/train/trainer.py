@@ -585,7 +585,7 @@ def train_value(
     # training), kept in checkpoints so a resumed run reports the whole run's.
     budget = {"tokens_seen": 0, "train_s": 0.0}
     if cfg.resume and _checkpoints(out):
-        step, budget = _resume(out, value, opt, sched, data_fp)
+        step, budget = _resume(out, value, opt, sched, data_fp, budget)
         logger.info("resumed from step %d of %d", step, total)
     elif rank == 0:
         (out / METRICS).unlink(missing_ok=True)
@@ -707,7 +707,9 @@ def train_value(
     return out
 
 
-def _resume(out, value, opt, sched, data_fp) -> tuple[int, dict]:
+def _resume(out, value, opt, sched, data_fp, budget: dict) -> tuple[int, dict]:
+    """Load the last checkpoint; returns its step and training budget (``budget`` when the
+    checkpoint predates budgets)."""
     from safetensors.torch import load_file
 
     ck = _checkpoints(out)[-1]
@@ -731,7 +733,7 @@ def _resume(out, value, opt, sched, data_fp) -> tuple[int, dict]:
     if metrics.exists() and _dist()[0] == 0:
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         metrics.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
-    return step, st.get("budget", {"tokens_seen": 0, "train_s": 0.0})
+    return step, st.get("budget", budget)
 
 
 def _write_artefact(out: Path, value, tokenizer, meta: dict) -> None:
