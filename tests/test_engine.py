@@ -344,3 +344,43 @@ def test_other_schemes_match_naive(pairs, scheme):
     results = engine.generate_many(PROMPTS[:3], params)
     for pr, p, res in zip(PROMPTS[:3], params, results, strict=True):
         assert res.token_ids == naive_generate(model, _ids(model, pr), p), (scheme, pr)
+
+
+@pytest.mark.parametrize("scheme", ["residual", "proxy"])
+def test_parallel_forwards_run_side_by_side_with_the_same_tokens(pairs, scheme):
+    import threading
+
+    base, value, tok = pairs("llama")
+    anti = (_tiny("llama", 3)[0], tok) if scheme == "proxy" else None
+    model = IVLModel.from_pretrained((base, tok), (value, tok), scheme=scheme, anti_expert=anti)
+    threads: dict[str, set] = {"base": set(), "value": set()}
+    hooks = [
+        m.register_forward_hook(lambda *_, k=k: threads[k].add(threading.current_thread().name))
+        for k, m in (("base", model.base), ("value", model.value))
+    ]
+    params = [
+        SamplingParams(temperature=0, max_new_tokens=8, seed=4, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_new_tokens=8, seed=5, ignore_eos=True, alpha=0.5),
+    ]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # the pool splits the caller's threads: two to split
+        side = IVLEngine(model, max_batch=2, max_len=64)
+        seq = IVLEngine(model, max_batch=2, max_len=64, parallel_forwards=False)
+        assert side._pool is not None and seq._pool is None
+        got = side.generate_many(PROMPTS[:2], params)
+        assert any(n.startswith("ivl-forward") for n in threads["value"] | threads["base"])
+        assert torch.get_num_threads() == 2  # the caller's count is untouched
+        want = seq.generate_many(PROMPTS[:2], params)
+    finally:
+        torch.set_num_threads(before)
+        for h in hooks:
+            h.remove()
+    for pr, p, g, w in zip(PROMPTS[:2], params, got, want, strict=True):
+        assert g.token_ids == w.token_ids == naive_generate(model, _ids(model, pr), p)
+
+
+def test_no_pool_where_forwards_depend_on_each_other(pairs):
+    base, value, tok = pairs("llama")
+    model = IVLModel.from_pretrained((base, tok), (value, tok), scheme="cascade")
+    assert IVLEngine(model, max_batch=1, max_len=32, parallel_forwards=True)._pool is None

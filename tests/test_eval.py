@@ -370,6 +370,11 @@ def test_builtin_suites_are_valid():
     for name, v in cpu["values"].items():
         changed = {k for k in {*ref, *v} if ref.get(k) != v.get(k)}
         assert len(changed) == (0 if name == "smol" else 1), (name, changed)
+    # experiment 1 at CPU size: the transfer suite's configurations, transfer-cpu's value recipe
+    sf = load_suite("same-family-cpu")
+    assert sf["experiments"] == s["experiments"][:1] and sf["train"] == cpu["train"]
+    assert sf["values"]["qwen05"]["value_init"] == cpu["values"]["smol"]["value_init"]
+    assert set(sf["finetunes"]) == set(s["finetunes"])
 
 
 def test_cli_eval_jsonl_and_nll(tmp_path, capsys):

@@ -40,11 +40,15 @@ K/V into a scratch column past the usable ones, which no real query can see).
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ivl.engine.concurrent import ForwardPool
 
 logger = logging.getLogger("ivl")
 
@@ -290,26 +294,45 @@ class PairedKVCache:
         Returns last-position logits [n, V]. Lengths advance only in :meth:`commit`, so every
         model of a step sees the same positions.
         """
-        dev = self._device(name)
+        return self.decode_many((name,), n, input_ids, inputs_embeds)[0]
+
+    def decode_many(
+        self,
+        names: Sequence[str],
+        n: int,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pool: ForwardPool | None = None,
+    ) -> list[torch.Tensor]:
+        """:meth:`decode` of several aligned models on the same inputs; with ``pool``, their
+        forwards run side by side (they share the plan, which no forward changes)."""
         lengths = self.lengths[:n]
         if max(lengths) >= self.max_len:
             raise RuntimeError("a slot is full; the scheduler must finish it first")
-        pos = torch.tensor(lengths, dtype=torch.int64, device=dev)  # [n]
-        p = self._plan
-        p.mode, p.n, p.pos, p.kv_len = "decode", n, pos, max(lengths) + 1
-        try:
-            out = self.models[name](
-                input_ids=None if input_ids is None else input_ids[:, None].to(dev),
-                inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, None].to(dev),
-                position_ids=pos[:, None],
-                attention_mask=self._mask(name, pos[:, None], p.kv_len, self._dtype(name)),
-                cache=self.caches[name],
-                use_cache=True,
-                logits_to_keep=1,
+        kv_len = max(lengths) + 1
+        calls = []
+        for name in names:
+            dev = self._device(name)
+            pos = torch.tensor(lengths, dtype=torch.int64, device=dev)  # [n]
+            calls.append(
+                functools.partial(
+                    self.models[name],
+                    input_ids=None if input_ids is None else input_ids[:, None].to(dev),
+                    inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, None].to(dev),
+                    position_ids=pos[:, None],
+                    attention_mask=self._mask(name, pos[:, None], kv_len, self._dtype(name)),
+                    cache=self.caches[name],
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
             )
+        p = self._plan
+        p.mode, p.n, p.pos, p.kv_len = "decode", n, pos, kv_len
+        try:
+            outs = pool.run(calls) if pool is not None else [call() for call in calls]
         finally:
             p.mode = "idle"
-        return out.logits[:, -1]
+        return [out.logits[:, -1] for out in outs]
 
     def commit(self, n: int) -> None:
         """All aligned models have consumed this step's token for slots 0..n-1."""

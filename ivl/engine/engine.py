@@ -36,6 +36,7 @@ import torch
 
 from ivl.engine.bridge import BridgeState
 from ivl.engine.cache import PairedKVCache
+from ivl.engine.concurrent import ForwardPool
 from ivl.engine.model import IVLModel
 from ivl.engine.params import Result, SamplingParams, StreamEvent, derive_seed
 
@@ -152,6 +153,7 @@ class IVLEngine:
         max_len: int | None = None,
         seed: int = 0,
         value_max_len: int | None = None,
+        parallel_forwards: bool | None = None,
     ):
         self.model = model
         models = {"base": model.base}
@@ -170,6 +172,12 @@ class IVLEngine:
             limit = getattr(model.value.config, "max_position_embeddings", None) or 2 * max_len
             unaligned["value"] = int(value_max_len or min(2 * self.max_len, limit))
         self.cache = PairedKVCache(models, self.max_batch, self.max_len, unaligned)
+        side_by_side = model.bridge is None and model.scheme not in ("cascade", "cascade_no_text")
+        if parallel_forwards is None:
+            parallel_forwards = model.device.type == "cpu"
+        self._pool = (
+            ForwardPool.for_cpu(len(models)) if parallel_forwards and side_by_side else None
+        )
         self.bridge_stats = {"steps": 0, "fed": 0, "encoded": 0}
         self._text = _Text(model.tokenizer)
         self._eos = frozenset(model.eos_ids())
@@ -362,17 +370,20 @@ class IVLEngine:
         m, cache = self.model, self.cache
         n = len(active)
         inp = torch.tensor([r.pending for r in active], dtype=torch.int64, device=m.device)
-        zb = cache.decode("base", n, inp)  # [n, V_base]
         zv = None
-        if m.value is not None and any(r.params.alpha != 0 for r in active):
-            if m.bridge is not None:
-                zv = self._value_bridged(active)
-            elif m.scheme in ("cascade", "cascade_no_text"):
-                zv = cache.decode("value", n, inputs_embeds=m.value_inputs_embeds(inp, zb))
-            else:
-                zv = cache.decode("value", n, inp)
-            if m.anti_expert is not None:
-                zv = zv.float() - cache.decode("anti", n, inp).float()
+        if m.value is None or all(r.params.alpha == 0 for r in active):
+            zb = cache.decode("base", n, inp)  # [n, V_base]
+        elif m.bridge is not None:
+            zb = cache.decode("base", n, inp)
+            zv = self._value_bridged(active)
+        elif m.scheme in ("cascade", "cascade_no_text"):
+            zb = cache.decode("base", n, inp)
+            zv = cache.decode("value", n, inputs_embeds=m.value_inputs_embeds(inp, zb))
+        else:  # residual / proxy: forwards on the same tokens, side by side with a pool
+            names = ("base", "value", "anti") if m.anti_expert is not None else ("base", "value")
+            zb, zv, *anti = cache.decode_many(names, n, inp, pool=self._pool)
+            if anti:
+                zv = zv.float() - anti[0].float()
         cache.commit(n)
         return zb, zv
 

@@ -151,7 +151,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--predictions", default=None, help="write predictions as JSONL here")
     m.add_argument("--json", action="store_true", help="print the result as one JSON object")
     s = p.add_argument_group("suite")
-    s.add_argument("--suite", default=None, help="a built-in suite (transfer, transfer-cpu, same-family-cpu) or a suite JSON file")
+    s.add_argument(
+        "--suite",
+        default=None,
+        help="a built-in suite (transfer, transfer-cpu, same-family-cpu) or a suite JSON file",
+    )
     s.add_argument("--only", action="append", help="run only this experiment (repeatable)")
     s.add_argument("--out", default="docs/results", help="report folder (default docs/results)")
     s.add_argument("--runs", default="runs/suite", help="trained artefacts (default runs/suite)")
