@@ -358,7 +358,7 @@ def test_batched_prefill_rows_match_uncached_forward(arch):
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (6, 13, 1)]
     with torch.inference_mode():
-        got = cache.prefill_rows("base", 1, prompts)
+        (got,) = cache.prefill_rows(["base"], 1, prompts)
         for r, p in enumerate(prompts):
             want = model(input_ids=torch.tensor([p]), use_cache=False).logits[0, -1]
             torch.testing.assert_close(got[r], want, rtol=1e-4, atol=1e-4)

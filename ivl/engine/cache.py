@@ -357,31 +357,44 @@ class PairedKVCache:
         of each row's last new token, [n, V]. Rows must fit: see :meth:`fits`.
         """
         lengths = self.own_lengths[name][:n]
-        out = self._padded_forward(name, 0, lengths, input_ids[:n])
+        (out,) = self._padded_forward((name,), 0, lengths, input_ids[:n])
         for r, row in enumerate(input_ids[:n]):
             self.own_lengths[name][r] += len(row)
         return out
 
-    def prefill_rows(self, name: str, row0: int, prompts: list[list[int]]) -> torch.Tensor:
-        """Prefill rows ``row0 ..`` of ``name`` with one prompt each (lengths may differ) in one
-        forward, at positions 0 ... Returns each row's last-token logits [rows, V]. Slot lengths
-        are set by :meth:`assign` (aligned models) or :meth:`crop` (unaligned ones)."""
-        return self._padded_forward(name, row0, [0] * len(prompts), prompts)
+    def prefill_rows(
+        self,
+        names: Sequence[str],
+        row0: int,
+        prompts: list[list[int]],
+        pool: ForwardPool | None = None,
+    ) -> list[torch.Tensor]:
+        """Prefill rows ``row0 ..`` of each aligned model in ``names`` with one prompt each
+        (lengths may differ) in one forward per model, side by side with ``pool``, at positions
+        0 ... Returns each model's last-token logits [rows, V]. Slot lengths are set by
+        :meth:`assign` (aligned models) or :meth:`crop` (unaligned ones)."""
+        return self._padded_forward(names, row0, [0] * len(prompts), prompts, pool)
 
     def _padded_forward(
-        self, name: str, row0: int, lengths: list[int], input_ids: list[list[int]]
-    ) -> torch.Tensor:
+        self,
+        names: Sequence[str],
+        row0: int,
+        lengths: list[int],
+        input_ids: list[list[int]],
+        pool: ForwardPool | None = None,
+    ) -> list[torch.Tensor]:
         """Rows row0 + r get ``input_ids[r]`` at columns ``lengths[r] ...``, padded on the right
         to the longest: a padded query repeats its row's last real position and writes its K/V
-        into the scratch column, which no real query can see."""
-        dev = self._device(name)
+        into the scratch column, which no real query can see. Several models share the columns
+        (aligned), so they share the plan and can run side by side."""
+        dev = self._device(names[0])
         n = len(input_ids)
         counts = [len(x) for x in input_ids]
         if min(counts) < 1:
             raise ValueError("every row needs at least one new token")
-        width, scratch = max(counts), self.columns[name]
+        width, scratch = max(counts), self.columns[names[0]]
         if max(ln + c for ln, c in zip(lengths, counts, strict=True)) > scratch:
-            raise RuntimeError(f"a {name} slot is full; the scheduler must finish it first")
+            raise RuntimeError(f"a {names[0]} slot is full; the scheduler must finish it first")
         ids = torch.zeros((n, width), dtype=torch.int64)
         qpos = torch.empty((n, width), dtype=torch.int64)
         wpos = torch.full((n, width), scratch, dtype=torch.int64)
@@ -391,25 +404,30 @@ class PairedKVCache:
             qpos[r, c:] = ln + c - 1  # padding: a copy of the last real query
             wpos[r, :c] = qpos[r, :c]
         kv_len = max(ln + c for ln, c in zip(lengths, counts, strict=True))
-        qpos, wpos = qpos.to(dev), wpos.to(dev)
+        ids, qpos, wpos = ids.to(dev), qpos.to(dev), wpos.to(dev)
         # logits only where some row's last token is (the LM head over every padded position
         # would be [n, width, V])
         keep = sorted({c - 1 for c in counts})
-        p = self._plan
-        p.mode, p.n, p.pos, p.kv_len, p.row0 = "extend", n, wpos, kv_len, row0
-        try:
-            out = self.models[name](
-                input_ids=ids.to(dev),
+        calls = [
+            functools.partial(
+                self.models[name],
+                input_ids=ids,
                 position_ids=qpos,
                 attention_mask=self._mask(name, qpos, kv_len, self._dtype(name)),
                 cache=self.caches[name],
                 use_cache=True,
                 logits_to_keep=torch.tensor(keep, device=dev),
             )
+            for name in names
+        ]
+        p = self._plan
+        p.mode, p.n, p.pos, p.kv_len, p.row0 = "extend", n, wpos, kv_len, row0
+        try:
+            outs = pool.run(calls) if pool is not None else [call() for call in calls]
         finally:
             p.mode, p.row0 = "idle", 0
-        col = torch.tensor([keep.index(c - 1) for c in counts], device=out.logits.device)
-        return out.logits[torch.arange(n, device=col.device), col]
+        col = torch.tensor([keep.index(c - 1) for c in counts], device=dev)
+        return [out.logits[torch.arange(n, device=dev), col] for out in outs]
 
     def fits(self, name: str, slot: int, new: int) -> bool:
         """Whether ``new`` more tokens fit in ``slot`` of ``name``."""

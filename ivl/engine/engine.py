@@ -314,11 +314,10 @@ class IVLEngine:
                 width = n
         for g in groups:
             prompts = [r.ids[:-1] for _, r in g]
-            cache.prefill_rows("base", g[0][0], prompts)
+            names = ["base"]
             if m.value is not None and any(r.params.alpha != 0 for _, r in g):
-                cache.prefill_rows("value", g[0][0], prompts)
-                if m.anti_expert is not None:
-                    cache.prefill_rows("anti", g[0][0], prompts)
+                names += ["value", "anti"] if m.anti_expert is not None else ["value"]
+            cache.prefill_rows(names, g[0][0], prompts, pool=self._pool if names[1:] else None)
 
     def _admit_bridged(self, req: _Request, slot: int) -> None:
         """Base prefill as usual; the value model reads the prompt's text in its own tokens."""
