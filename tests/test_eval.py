@@ -278,7 +278,7 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
         "sizes": {"train_steps": 2, "train_examples": 8, "max_new_tokens": 3},
         "train": {"batch_size": 2, "grad_accum": 1, "max_length": 400, "lr": 1e-3},
         "values": {"v": {"base": base, "value_init": "first-1-layers"}},
-        "finetunes": {"ft": {"base": other, "method": "lora"}},
+        "finetunes": {"ft": {"base": other, "method": "lora", "lr": 3e-4}},
         "experiments": [
             {
                 "name": "e",
@@ -314,8 +314,11 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
     assert again["wall_s"] == 0.0 < rows[0]["wall_s"]
     md = (tmp_path / "res" / "tiny.md").read_text()
     assert "| e | + value |" in md and "Failed configurations" in md
-    assert re.search(r"`values:v`: steps 2, global batch 2, examples 8, tokens seen [1-9]", md)
-    assert re.search(r"`finetunes:ft`: steps 2, .*tokens seen [1-9].*method lora", md)
+    assert re.search(
+        r"`values:v`: steps 2, global batch 2, examples 8, lr 0.001, tokens seen [1-9]", md
+    )
+    # a fine-tune's own learning rate (it overrides the suite's) is the one reported
+    assert re.search(r"`finetunes:ft`: steps 2, .*lr 0.0003, tokens seen [1-9].*method lora", md)
     assert "- e / broken: failed" in md and "- e2 / alone again" not in md
     assert (tmp_path / "res" / "tiny.png").stat().st_size > 1000
     assert (tmp_path / "res" / "tiny.csv").read_text().count("\n") == 6

@@ -460,7 +460,7 @@ def write_suite_report(suite: dict, rows: list[dict], out_dir, sz: dict, folders
             lines.append(
                 f"- `{ref}`: steps {train.get('steps', meta.get('steps'))}, global batch "
                 f"{train.get('global_batch', meta.get('global_batch'))}, examples "
-                f"{meta.get('data', {}).get('examples')}"
+                f"{meta.get('data', {}).get('examples')}, lr {train.get('lr')}"
                 + (
                     f", tokens seen {meta['tokens_seen']}, {meta['wall_s']} s"
                     if "tokens_seen" in meta
