@@ -3,7 +3,9 @@
 For each (batch, prompt_len, new_tokens), all greedy with ignore_eos (every row makes exactly
 new_tokens tokens), same prompts:
 
-- ``engine``: IVLEngine.generate_many (residual, paired slot caches), prefill included;
+- ``engine``: IVLEngine.generate_many (residual, paired slot caches), prefill included; on the
+  CPU its base and value forwards run side by side (``parallel_forwards``, the default);
+- ``engine_seq``: the same engine with ``parallel_forwards=False`` (one forward after the other);
 - ``base_hf``: the base alone, HF ``generate`` with its DynamicCache (the no-value speed);
 - ``floor``: base + value forwards alone with HF DynamicCaches, same batch: a batched prefill,
   then every decode step of the output timed (mean), no merge / sampling / bookkeeping;
@@ -123,13 +125,15 @@ class _Steps:
         return (s[-1] - s[0]) / (len(s) - 1) if len(s) > 1 else float("nan")
 
 
-def _engine_run(model, prompts):
+def _engine_run(model, prompts, parallel: bool | None = None):
     from ivl.engine import IVLEngine, SamplingParams
 
     plen = len(prompts[0])
 
     def run(n, steps: _Steps | None = None, ps=prompts):
-        engine = IVLEngine(model, max_batch=len(ps), max_len=plen + n + 1)
+        engine = IVLEngine(
+            model, max_batch=len(ps), max_len=plen + n + 1, parallel_forwards=parallel
+        )
         params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
         made = [0] * len(ps)
         seen = 0
@@ -232,6 +236,7 @@ def _shape_rows(residual, proxy, label, dtype, batch, plen, new, naive_tokens, f
     prompts = [[100 + (i * 7 + j * 13) % 900 for j in range(plen)] for i in range(batch)]
     runs = {
         "engine": _engine_run(residual, prompts),
+        "engine_seq": _engine_run(residual, prompts, parallel=False),
         "base_hf": _hf_run(residual, prompts, proc=False),
         "hf_proc": _hf_run(residual, prompts, proc=True),
         "proxy": _engine_run(proxy, prompts),
@@ -247,7 +252,7 @@ def _shape_rows(residual, proxy, label, dtype, batch, plen, new, naive_tokens, f
         assert len(steps.stamps) == new, (name, len(steps.stamps))
         stats[name] = dict(secs=secs, peak=mem.peak_mb, decode=steps.decode_s(), note="")
         print(
-            f"  {name:8s} {1e3 * secs / new:9.2f} ms/tok e2e, {1e3 * steps.decode_s():9.2f} "
+            f"  {name:10s} {1e3 * secs / new:9.2f} ms/tok e2e, {1e3 * steps.decode_s():9.2f} "
             f"ms/decode step, peak {mem.peak_mb:7.1f} MB",
             flush=True,
         )
