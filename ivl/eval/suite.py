@@ -188,7 +188,7 @@ TRANSFER_CPU: dict[str, Any] = {
 
 # Experiment 1 (same family, bigger base) cut to what two CPU cores can run in about 80 minutes:
 # here the 1.5B runs ~35 tokens/s forward and ~14 tokens/s forward + backward in fp32, so every
-# network gets 20 steps (~16k tokens), NLL is measured on 64 held-out demonstrations and accuracy
+# network gets 20 steps (~16k tokens), NLL is measured on 48 held-out demonstrations and accuracy
 # is left out (200 problems x 4 configurations on the 1.5B would take ~10 hours of decoding).
 # The value is TRANSFER_CPU's recipe on Qwen-0.5B. The fine-tunes' learning rates sit at the high
 # end of the usual ranges (LoRA 5e-4, full 5e-5) because 20 steps leave no room for a slow one.
@@ -198,7 +198,7 @@ SAME_FAMILY_CPU: dict[str, Any] = {
     "data": TRANSFER_CPU["data"],
     "sizes": {
         "accuracy_problems": 0,
-        "nll_examples": 64,
+        "nll_examples": 48,
         "max_new_tokens": 160,
         "train_examples": 2000,
         "train_steps": 20,
