@@ -186,7 +186,7 @@ TRANSFER_CPU: dict[str, Any] = {
     ],
 }
 
-# Experiment 1 (same family, bigger base) cut to what two CPU cores can run in about 80 minutes:
+# Experiment 1 (same family, bigger base) cut to what two CPU cores can run in about 90 minutes:
 # here the 1.5B runs ~35 tokens/s forward and ~14 tokens/s forward + backward in fp32, so every
 # network gets 20 steps (~16k tokens), NLL is measured on 48 held-out demonstrations and accuracy
 # is left out (200 problems x 4 configurations on the 1.5B would take ~10 hours of decoding).
