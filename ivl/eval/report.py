@@ -99,7 +99,8 @@ def plot(path, rows: Sequence[dict], title: str = "") -> Path | None:
         fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    # "tight": long configuration labels and titles widen the image instead of being cut off
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
