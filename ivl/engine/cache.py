@@ -310,22 +310,23 @@ class PairedKVCache:
         if max(lengths) >= self.max_len:
             raise RuntimeError("a slot is full; the scheduler must finish it first")
         kv_len = max(lengths) + 1
-        calls = []
-        for name in names:
-            dev = self._device(name)
-            pos = torch.tensor(lengths, dtype=torch.int64, device=dev)  # [n]
-            calls.append(
-                functools.partial(
-                    self.models[name],
-                    input_ids=None if input_ids is None else input_ids[:, None].to(dev),
-                    inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, None].to(dev),
-                    position_ids=pos[:, None],
-                    attention_mask=self._mask(name, pos[:, None], kv_len, self._dtype(name)),
-                    cache=self.caches[name],
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
+        dev = self._device(names[0])  # the models of a pair share a device (IVLModel)
+        pos = torch.tensor(lengths, dtype=torch.int64, device=dev)  # [n]
+        ids = None if input_ids is None else input_ids[:, None].to(dev)
+        embeds = None if inputs_embeds is None else inputs_embeds[:, None].to(dev)
+        calls = [
+            functools.partial(
+                self.models[name],
+                input_ids=ids,
+                inputs_embeds=embeds,
+                position_ids=pos[:, None],
+                attention_mask=self._mask(name, pos[:, None], kv_len, self._dtype(name)),
+                cache=self.caches[name],
+                use_cache=True,
+                logits_to_keep=1,
             )
+            for name in names
+        ]
         p = self._plan
         p.mode, p.n, p.pos, p.kv_len = "decode", n, pos, kv_len
         try:
@@ -408,6 +409,7 @@ class PairedKVCache:
         # logits only where some row's last token is (the LM head over every padded position
         # would be [n, width, V])
         keep = sorted({c - 1 for c in counts})
+        keep_t = torch.tensor(keep, device=dev)
         calls = [
             functools.partial(
                 self.models[name],
@@ -416,7 +418,7 @@ class PairedKVCache:
                 attention_mask=self._mask(name, qpos, kv_len, self._dtype(name)),
                 cache=self.caches[name],
                 use_cache=True,
-                logits_to_keep=torch.tensor(keep, device=dev),
+                logits_to_keep=keep_t,
             )
             for name in names
         ]
