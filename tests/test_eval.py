@@ -412,6 +412,24 @@ def test_cli_eval_jsonl_and_nll(tmp_path, capsys):
     demos.write_text('{"prompt": "2+2?", "response": "4"}\n')
     assert main([*args, "--task", "nll", "--data", str(demos)]) == 0
     assert "NLL" in capsys.readouterr().out
+    # several alphas: one pass, one result each, alpha 0 = the base alone, 1 = the single run
+    assert main([*args, "--task", "nll", "--data", str(demos), "--json"]) == 0
+    single = json.loads(capsys.readouterr().out)
+    nll_args = [*args, "--task", "nll", "--data", str(demos), "--alpha", "0,0.5,1", "--json"]
+    assert main(nll_args) == 0
+    sweep = json.loads(capsys.readouterr().out)
+    assert sweep["alpha"] == [0.0, 0.5, 1.0] and sweep["tokens"] == single["tokens"]
+    by_alpha = {r["alpha"]: r["nll"] for r in sweep["results"]}
+    assert by_alpha[1.0] == pytest.approx(single["nll"], rel=1e-6)
+    assert len(set(by_alpha.values())) == 3  # the tiny value moves the NLL
+    base_only = ["eval", "--base", str(base), "--dtype", "float32", "-q", "--task", "nll"]
+    assert main([*base_only, "--data", str(demos), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nll"] == pytest.approx(by_alpha[0.0], rel=1e-6)
+    assert main([*args, "--alpha", "0,1", "--task", "jsonl", "--data", str(data)]) == 2
+    assert "several alphas need --task nll" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--alpha", "1,x"])
+    assert "comma-separated" in capsys.readouterr().err
     assert main([*args, "--task", "jsonl"]) == 2
     assert "needs --data" in capsys.readouterr().err
     assert main([*args, "--task", "jsonl", "--data", str(data), "--scorer", "os:getcwd"]) == 2

@@ -10,6 +10,18 @@ from pathlib import Path
 TASKS = ("gsm-symbolic", "nll", "jsonl")
 
 
+def _alphas(text: str) -> list[float]:
+    """``--alpha``: one value strength, or a comma-separated list (``--task nll`` scores them all
+    in one teacher-forced pass: the way to choose alpha on validation demonstrations)."""
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or a comma-separated list: {text!r}")
+    if not alphas:
+        raise argparse.ArgumentTypeError("give at least one alpha")
+    return alphas
+
+
 def _single(args: argparse.Namespace) -> dict:
     from ivl.eval import harness
     from ivl.eval.metrics import resolve_scorer
@@ -18,12 +30,17 @@ def _single(args: argparse.Namespace) -> dict:
         raise ValueError("give --base (and optionally --value), or --suite NAME")
     if args.task == "jsonl" and not args.data:
         raise ValueError("--task jsonl needs --data FILE.jsonl")
+    if len(args.alpha) > 1 and args.task != "nll":
+        raise ValueError(
+            "several alphas need --task nll (one teacher-forced pass scores them all); "
+            "generation tasks take one --alpha per run"
+        )
     scorer = resolve_scorer(args.scorer, allow_import=args.allow_custom_scorer)
     spec = harness.ModelSpec(
         "cli",
         args.base,
         args.value,
-        alpha=args.alpha,
+        alpha=args.alpha[0],
         scheme=args.scheme,
         anti_expert=args.anti_expert,
         vocab_map=args.vocab_map,
@@ -34,14 +51,23 @@ def _single(args: argparse.Namespace) -> dict:
     progress = not args.quiet
     out: dict = {"task": args.task, "base": args.base, "value": args.value, "alpha": alpha}
     if args.task == "nll":
+        alphas = args.alpha if args.value else [0.0]
         if args.data:
             from ivl.train.data import read_jsonl
 
             records = [rec for _, rec in read_jsonl(args.data)][: args.limit]
         else:
             records = harness.gsm_problems(args.limit or 200, seed=args.seed)
-        res = harness.nll(model, records, alphas=(alpha,), progress=progress)[alpha]
-        out.update(nll=res.nll, perplexity=res.perplexity, tokens=res.tokens, n=res.examples)
+        results = harness.nll(model, records, alphas=alphas, progress=progress)
+        if len(results) > 1:
+            out["alpha"] = list(results)
+            out["results"] = [
+                {"alpha": a, "nll": r.nll, "perplexity": r.perplexity} for a, r in results.items()
+            ]
+        res = next(iter(results.values()))
+        out.update(tokens=res.tokens, n=res.examples)
+        if len(results) == 1:
+            out.update(nll=res.nll, perplexity=res.perplexity)
         return out
     if args.task == "gsm-symbolic":
         problems = harness.gsm_problems(args.limit or 200, seed=args.seed)
@@ -100,10 +126,11 @@ def _eval(args: argparse.Namespace) -> int:
             f"{out['generated_tokens']} tokens in {out['seconds']:.1f}s"
         )
     else:
-        print(
-            f"NLL {out['nll']:.4f} nats/token (perplexity {out['perplexity']:.3f}) over "
-            f"{out['tokens']} tokens of {out['n']} examples (alpha {out['alpha']})"
-        )
+        for r in out.get("results", [out]):
+            print(
+                f"NLL {r['nll']:.4f} nats/token (perplexity {r['perplexity']:.3f}) over "
+                f"{out['tokens']} tokens of {out['n']} examples (alpha {r['alpha']})"
+            )
     sys.stdout.flush()
     return 0
 
@@ -121,7 +148,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     m = p.add_argument_group("one configuration")
     m.add_argument("--base", help="zoo name or HF folder of the base model")
     m.add_argument("--value", default=None, help="value model folder (none: the base alone)")
-    m.add_argument("--alpha", type=float, default=1.0, help="value strength (default 1)")
+    m.add_argument(
+        "--alpha",
+        type=_alphas,
+        default=[1.0],
+        help="value strength (default 1); --task nll takes a list, e.g. 0,0.5,1,2",
+    )
     m.add_argument("--scheme", default="residual", choices=SCHEMES)
     m.add_argument("--anti-expert", default=None, help="proxy-tuning: the untuned small model")
     m.add_argument("--vocab-map", default=None, help="'auto' or a vocabulary map file")
