@@ -16,7 +16,9 @@ def _alphas(text: str) -> list[float]:
     try:
         alphas = [float(a) for a in text.split(",") if a.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number or a comma-separated list: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"not a number or a comma-separated list: {text!r}"
+        ) from None
     if not alphas:
         raise argparse.ArgumentTypeError("give at least one alpha")
     return alphas
