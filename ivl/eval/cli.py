@@ -61,15 +61,10 @@ def _single(args: argparse.Namespace) -> dict:
         else:
             records = harness.gsm_problems(args.limit or 200, seed=args.seed)
         results = harness.nll(model, records, alphas=alphas, progress=progress)
-        if len(results) > 1:
-            out["alpha"] = list(results)
-            out["results"] = [
-                {"alpha": a, "nll": r.nll, "perplexity": r.perplexity} for a, r in results.items()
-            ]
-        res = next(iter(results.values()))
+        rows = [{"alpha": a, "nll": r.nll, "perplexity": r.perplexity} for a, r in results.items()]
+        res = next(iter(results.values()))  # every alpha scores the same tokens
         out.update(tokens=res.tokens, n=res.examples)
-        if len(results) == 1:
-            out.update(nll=res.nll, perplexity=res.perplexity)
+        out.update(rows[0] if len(rows) == 1 else {"alpha": list(results), "results": rows})
         return out
     if args.task == "gsm-symbolic":
         problems = harness.gsm_problems(args.limit or 200, seed=args.seed)
