@@ -29,3 +29,30 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    try:  # Linux: read it, without the set-and-restore race of os.umask
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_modes(root: str | os.PathLike[str]) -> None:
+    """Give ``root`` (and, for a folder, everything in it) the modes open() and mkdir() give.
+
+    safetensors writes its files private (0600) and mkdtemp its folder (0700); artefacts are
+    meant to be shared like any other file the user writes, so writers call this on their
+    temporary folder before renaming it into place.
+    """
+    mask = _umask()
+    root = Path(root)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)

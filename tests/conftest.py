@@ -33,6 +33,21 @@ def zoo_cache() -> Path:
 
 
 @pytest.fixture
+def default_modes_check() -> Callable[[Path], None]:
+    """Sets the usual umask (022) for the test and yields a check that every file under a
+    folder is 0644 and every folder 0755 (what open() and mkdir() give, so shareable)."""
+
+    def check(root: Path) -> None:
+        for p in [root, *root.rglob("*")]:
+            want = 0o755 if p.is_dir() else 0o644
+            assert p.stat().st_mode & 0o777 == want, f"{p}: {oct(p.stat().st_mode & 0o777)}"
+
+    old = os.umask(0o022)
+    yield check
+    os.umask(old)
+
+
+@pytest.fixture
 def tmp_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A throwaway cache dir, also set as IVL_CACHE, for tests that inject failures."""
     cache = tmp_path / "cache"

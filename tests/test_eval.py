@@ -234,7 +234,7 @@ def test_choose_method():
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_finetune_lowers_training_loss_and_saves_a_base(tmp_path, method):
+def test_finetune_lowers_training_loss_and_saves_a_base(tmp_path, method, default_modes_check):
     from ivl.engine import IVLModel
     from ivl.eval.finetune import FT_JSON, finetune
     from ivl.eval.harness import nll
@@ -254,6 +254,7 @@ def test_finetune_lowers_training_loss_and_saves_a_base(tmp_path, method):
     out = finetune(str(base), recs, cfg, method=method)
     meta = json.loads((out / FT_JSON).read_text())
     assert meta["method"] == method and meta["steps"] == 8 and meta["tokens_seen"] > 0
+    default_modes_check(out)
     tuned = load_model(out)
     assert type(tuned).__name__ == "Qwen2ForCausalLM"  # LoRA merged: a plain model
     before = nll(IVLModel.from_pretrained(str(base)), recs, alphas=(0.0,), progress=False)

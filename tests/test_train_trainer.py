@@ -38,7 +38,7 @@ def _metrics(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_run_lowers_loss_and_saves_artefact(base_dir, tmp_path):
+def test_tiny_run_lowers_loss_and_saves_artefact(base_dir, tmp_path, default_modes_check):
     from transformers import AutoModelForCausalLM
 
     out = train_value(
@@ -62,6 +62,7 @@ def test_tiny_run_lowers_loss_and_saves_artefact(base_dir, tmp_path):
     assert len(meta["data"]["fingerprint"]) == 64
     # no leftovers of atomic writes
     assert not [p for p in out.rglob(".tmp*")]
+    default_modes_check(out)  # weights and checkpoints shareable, not safetensors' 0600
 
 
 class _Killed(Exception):

@@ -156,11 +156,12 @@ def test_dtw_map_agrees_with_exact_on_shared_tokens(capsys):
         build_map(bt, vt, kind="dtw")
 
 
-def test_save_load_roundtrip_and_wrong_tokenizer(tmp_path):
+def test_save_load_roundtrip_and_wrong_tokenizer(tmp_path, default_modes_check):
     bt, vt = tok("gpt2"), tok("smollm2")
     vmap = build_map(bt, vt, kind="exact")
     path = vmap.save(tmp_path / "map")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map"]  # no temp leftovers
+    default_modes_check(path)  # not mkdtemp's 0700 nor safetensors' 0600
     meta = json.loads((path / "vocab_map.json").read_text())
     assert meta["base"]["fingerprint"] != meta["value"]["fingerprint"]
     back = VocabMap.load(path, bt, vt)

@@ -93,7 +93,7 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 # Fetch on a tiny GGUF
 
 
-def test_fetch_converts_and_reuses(fake_zoo, tmp_cache, tiny_gguf):
+def test_fetch_converts_and_reuses(fake_zoo, tmp_cache, tiny_gguf, default_modes_check):
     from transformers import AutoModelForCausalLM
 
     name = fake_zoo()
@@ -105,6 +105,7 @@ def test_fetch_converts_and_reuses(fake_zoo, tmp_cache, tiny_gguf):
     assert manifest["name"] == name and manifest["gguf_sha256"] == zoo.MODELS[name].sha256
     assert manifest["dtype"] == "float32" and manifest["transformers"]
     assert _leftovers(tmp_cache) == []
+    default_modes_check(path)  # a shared cache: not safetensors' private 0600
 
     # The converted folder gives the same logits as the GGUF itself.
     direct = AutoModelForCausalLM.from_pretrained(

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from ivl._fs import default_modes
+
 logger = logging.getLogger("ivl")
 
 METHODS = ("auto", "full", "lora")
@@ -210,6 +212,7 @@ def finetune(
     tokenizer.save_pretrained(tmp)
     (tmp / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (tmp / FT_JSON).write_text(json.dumps(meta, indent=2, default=str))
+    default_modes(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

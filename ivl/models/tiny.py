@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ivl._fs import default_modes
 from ivl.models import zoo
 
 ARCHS = ("llama", "qwen2", "gemma3")
@@ -166,6 +167,7 @@ def save_tiny(
     model, tok = tiny_model(arch, tokenizer, seed=seed, **kwargs)
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
+    default_modes(path)
     return path
 
 

@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ivl._fs import default_modes
+
 logger = logging.getLogger("ivl")
 
 MANIFEST = "ivl_zoo.json"
@@ -394,6 +396,7 @@ def build_folder_atomically(
             t0 = time.perf_counter()
             extra = build(tmp, work)
             _write_manifest(tmp, {**expect, **extra})
+            default_modes(tmp)
             os.rename(tmp, final)
             logger.info("%s ready at %s (%.1fs)", what, final, time.perf_counter() - t0)
         finally:

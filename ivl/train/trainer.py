@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from ivl._fs import default_modes
 from ivl.train import artefact, data, schemes
 from ivl.train.loss import merged_loss
 
@@ -333,6 +334,7 @@ def _save_checkpoint(out, step, value, opt, sched, state, keep) -> Path:
     save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
     full = {**state, "step": step, "scheduler": sched.state_dict()}
     (tmp / "trainer_state.json").write_text(json.dumps(full, indent=1))
+    default_modes(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -743,6 +745,7 @@ def _write_artefact(out: Path, value, tokenizer, meta: dict) -> None:
     tmp.mkdir()
     value.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    default_modes(tmp)
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ivl._fs import default_modes
 from ivl.train.artefact import tokenizer_fingerprint
 from ivl.vocab.tokens import special_ids, special_pairs, token_bytes, tokenizer_kind
 
@@ -139,6 +140,7 @@ class VocabMap:
             )
             meta = {"format": FORMAT, **self.meta}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            default_modes(tmp)
             if path.exists():
                 if not (path / META_FILE).is_file():
                     raise ValueError(
