@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 
 import pytest
 
@@ -113,3 +114,34 @@ def test_cli_user_errors(folders, tmp_path):
         _cli(["generate", "--base", str(base), "--input", str(bad), "--output", "o.jsonl"])
     with pytest.raises(ValueError, match="neither a zoo model"):
         _cli(["generate", "--base", str(tmp_path / "nope"), "--prompt", "x"])
+
+
+def test_cli_checks_everything_before_loading_weights(folders, tmp_path, monkeypatch):
+    """Bad settings, prompts files, folders and maps fail before any model is loaded."""
+    import ivl.models.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(ivl.models.loading, "load_model", no_loading)
+    base, value = folders
+    b, v = str(base), str(value)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        _cli(["generate", "--base", b, "--value", v, "--prompt", "x", "--temperature", "-1"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "top_p": 2}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: top_p"):
+        _cli(["generate", "--base", b, "--value", v, "--input", str(bad), "--output", "o.jsonl"])
+    with pytest.raises(ValueError, match="neither a zoo model"):
+        _cli(["generate", "--base", b, "--value", str(tmp_path / "nope"), "--prompt", "x"])
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        _cli(["generate", "--base", b, "--value", str(tmp_path), "--prompt", "x"])
+    with pytest.raises(ValueError, match="not the folder of a saved map"):
+        _cli(["generate", "--base", b, "--value", v, "--vocab-map", str(tmp_path), "--prompt", "x"])
+    trained = tmp_path / "cascade-value"
+    shutil.copytree(value, trained)
+    (trained / "ivl.json").write_text(json.dumps({"scheme": "cascade"}))
+    with pytest.raises(ValueError, match="pass scheme='cascade'"):
+        _cli(["generate", "--base", b, "--value", str(trained), "--prompt", "x"])
+    with pytest.raises(ValueError, match="anti_expert"):
+        _cli(["generate", "--base", b, "--value", v, "--scheme", "proxy", "--prompt", "x"])

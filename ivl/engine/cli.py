@@ -78,6 +78,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from ivl._fs import atomic_write_text
     from ivl.engine.engine import IVLEngine
     from ivl.engine.model import IVLModel
 
@@ -85,6 +86,20 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --prompt TEXT or --input prompts.jsonl")
     if args.input is not None and args.output is None:
         raise ValueError("--input needs --output out.jsonl")
+    # sampling settings and the prompts file are checked before any model is loaded
+    if args.prompt is not None:
+        params = _params(args)
+    else:
+        rows = _read_jsonl(Path(args.input))
+        prompts, params = [], []
+        for n, row in enumerate(rows, 1):
+            prompts.append(row.get("prompt", row.get("messages")))
+            try:
+                params.append(_params(args, **{k: row[k] for k in _OVERRIDES if k in row}))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{args.input}:{n}: {e}") from None
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = IVLModel.from_pretrained(
         args.base,
@@ -98,7 +113,6 @@ def _generate(args: argparse.Namespace) -> int:
     engine = IVLEngine(model, max_batch=args.max_batch, max_len=args.max_len)
 
     if args.prompt is not None:
-        params = _params(args)
         result = None
         for event in engine.stream([args.prompt], params, chat=args.chat):
             sys.stdout.write(event.text_delta)
@@ -109,30 +123,20 @@ def _generate(args: argparse.Namespace) -> int:
             raise ValueError(result.error)
         return 0
 
-    rows = _read_jsonl(Path(args.input))
-    prompts, params = [], []
-    for n, row in enumerate(rows, 1):
-        prompts.append(row.get("prompt", row.get("messages")))
-        try:
-            params.append(_params(args, **{k: row[k] for k in _OVERRIDES if k in row}))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{args.input}:{n}: {e}") from None
     chat = args.chat or any("messages" in r for r in rows)
     results = engine.generate_many(prompts, params, chat=chat, progress=not args.quiet)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    with open(out, "w", encoding="utf-8") as f:
-        for row, res in zip(rows, results, strict=True):
-            rec = {k: v for k, v in row.items() if k not in _OVERRIDES}
-            rec.update(
-                text=res.text,
-                finish_reason=res.finish_reason,
-                tokens=len(res.token_ids),
-                error=res.error,
-            )
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            failed += res.error is not None
+    lines = []
+    for row, res in zip(rows, results, strict=True):
+        rec = {k: v for k, v in row.items() if k not in _OVERRIDES}
+        rec.update(
+            text=res.text,
+            finish_reason=res.finish_reason,
+            tokens=len(res.token_ids),
+            error=res.error,
+        )
+        lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+    atomic_write_text(out, "".join(lines))
+    failed = sum(res.error is not None for res in results)
     print(f"wrote {len(results)} results to {out}" + (f" ({failed} failed)" if failed else ""))
     return 1 if failed == len(results) else 0
 

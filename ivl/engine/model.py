@@ -59,6 +59,45 @@ def _load(spec: Any, *, dtype, device, what: str, tokenizer=None):
     )
 
 
+def _check_before_loading(base, value, anti_expert, scheme: str, vocab_map) -> None:
+    """Every argument that can be checked without weights, before any are loaded: a typo in
+    the value's path or a wrong scheme should not cost the base's loading time first."""
+    from ivl.models.loading import _check_causal_lm, _resolve
+
+    if value is None and (scheme == "proxy" or anti_expert is not None):
+        raise ValueError("proxy-tuning needs value= (the expert) and anti_expert=")
+    if scheme == "proxy" and anti_expert is None:
+        raise ValueError("scheme='proxy' needs anti_expert= (the untuned small model)")
+    if scheme != "proxy" and anti_expert is not None:
+        raise ValueError("anti_expert= is only used with scheme='proxy'")
+    for what, spec in (("base", base), ("value", value), ("anti-expert", anti_expert)):
+        if isinstance(spec, (tuple, list)) and len(spec) == 2:
+            spec = spec[0]
+        if isinstance(spec, (str, os.PathLike)):
+            path, entry = _resolve(spec)  # raises on an unknown name or a missing folder
+            if entry is None:
+                _check_causal_lm(path, trust_remote_code=False)
+                if what == "value":
+                    _check_trained_scheme(path, scheme)
+    if isinstance(vocab_map, (str, os.PathLike)) and vocab_map != "auto":
+        from ivl.vocab.map import META_FILE
+
+        if not (Path(vocab_map) / META_FILE).is_file():
+            raise ValueError(
+                f"vocab_map {str(vocab_map)!r} is not the folder of a saved map (no {META_FILE}): "
+                "build one with `ivl vocab build`, or pass 'auto'"
+            )
+
+
+def _check_trained_scheme(value_dir: Path | None, scheme: str) -> None:
+    trained = read_ivl_meta(value_dir).get("scheme")
+    if trained and scheme != "proxy" and trained != scheme:
+        raise ValueError(
+            f"the value model was trained with scheme {trained!r} (its ivl.json) but "
+            f"scheme={scheme!r} was requested; pass scheme={trained!r}"
+        )
+
+
 def _is_zoo(name: str) -> bool:
     from ivl.models import zoo
 
@@ -180,6 +219,7 @@ class IVLModel:
         """
         if scheme not in SCHEMES:
             raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+        _check_before_loading(base, value, anti_expert, scheme, vocab_map)
         base_m, base_tok, _ = _load(
             base, dtype=dtype, device=device, what="base", tokenizer=tokenizer
         )
@@ -189,23 +229,13 @@ class IVLModel:
             )
         device = device or next(base_m.parameters()).device
         if value is None:
-            if scheme == "proxy" or anti_expert is not None:
-                raise ValueError("proxy-tuning needs value= (the expert) and anti_expert=")
             return cls(base_m, base_tok, None, scheme=scheme)
         value_m, value_tok, value_dir = _load(value, dtype=dtype, device=device, what="value")
-        meta = read_ivl_meta(value_dir)
-        trained = meta.get("scheme")
-        if trained and scheme != "proxy" and trained != scheme:
-            raise ValueError(
-                f"the value model was trained with scheme {trained!r} (its ivl.json) but "
-                f"scheme={scheme!r} was requested; pass scheme={trained!r}"
-            )
+        _check_trained_scheme(value_dir, scheme)
         if next(value_m.parameters()).device != next(base_m.parameters()).device:
             value_m = value_m.to(next(base_m.parameters()).device)
         anti_m = None
         if scheme == "proxy":
-            if anti_expert is None:
-                raise ValueError("scheme='proxy' needs anti_expert= (the untuned small model)")
             anti_m, anti_tok, _ = _load(anti_expert, dtype=dtype, device=device, what="anti-expert")
             anti_m = anti_m.to(next(base_m.parameters()).device)
             if anti_tok is not None and not _same_tokenizer(base_tok, anti_tok):
@@ -215,8 +245,6 @@ class IVLModel:
                     f"expert and anti-expert vocabularies differ ({_output_vocab(value_m)} vs "
                     f"{_output_vocab(anti_m)}); proxy-tuning needs the same vocabulary"
                 )
-        elif anti_expert is not None:
-            raise ValueError("anti_expert= is only used with scheme='proxy'")
 
         vb, vv = _output_vocab(base_m), _output_vocab(value_m)
         bridge = None
