@@ -435,3 +435,25 @@ def test_cli_eval_jsonl_and_nll(tmp_path, capsys):
     assert "needs --data" in capsys.readouterr().err
     assert main([*args, "--task", "jsonl", "--data", str(data), "--scorer", "os:getcwd"]) == 2
     assert "allow-custom-scorer" in capsys.readouterr().err
+
+
+def test_cli_eval_checks_data_before_loading_models(tmp_path, capsys, monkeypatch):
+    import ivl.models.loading
+    from ivl.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was checked")
+
+    monkeypatch.setattr(ivl.models.loading, "load_model", no_loading)
+    base = save_tiny(tmp_path / "b", "llama", "smollm2", seed=1)
+    args = ["eval", "--base", str(base), "-q"]
+    assert main([*args, "--task", "nll", "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi"}\n{not json\n')
+    assert main([*args, "--task", "jsonl", "--data", str(bad)]) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
+    assert main([*args, "--task", "gsm-symbolic", "--limit", "-3"]) == 2
+    assert "--limit must be >= 1" in capsys.readouterr().err
+    assert main([*args, "--value", str(tmp_path / "nope"), "--task", "nll"]) == 2
+    assert "neither a zoo model" in capsys.readouterr().err

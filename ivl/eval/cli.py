@@ -37,7 +37,20 @@ def _single(args: argparse.Namespace) -> dict:
             "several alphas need --task nll (one teacher-forced pass scores them all); "
             "generation tasks take one --alpha per run"
         )
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1 for a single task, got {args.limit}")
     scorer = resolve_scorer(args.scorer, allow_import=args.allow_custom_scorer)
+    # the data before the models: a bad file fails at once, not after loading them
+    if args.task == "nll" and args.data:
+        from ivl.train.data import read_jsonl
+
+        records = [rec for _, rec in read_jsonl(args.data)][: args.limit]
+    elif args.task in ("nll", "gsm-symbolic"):
+        records = harness.gsm_problems(args.limit or 200, seed=args.seed)
+    else:
+        items = harness.read_items(
+            args.data, prompt_field=args.prompt_field, reference_field=args.reference_field
+        )[: args.limit]
     spec = harness.ModelSpec(
         "cli",
         args.base,
@@ -54,12 +67,6 @@ def _single(args: argparse.Namespace) -> dict:
     out: dict = {"task": args.task, "base": args.base, "value": args.value, "alpha": alpha}
     if args.task == "nll":
         alphas = args.alpha if args.value else [0.0]
-        if args.data:
-            from ivl.train.data import read_jsonl
-
-            records = [rec for _, rec in read_jsonl(args.data)][: args.limit]
-        else:
-            records = harness.gsm_problems(args.limit or 200, seed=args.seed)
         results = harness.nll(model, records, alphas=alphas, progress=progress)
         rows = [{"alpha": a, "nll": r.nll, "perplexity": r.perplexity} for a, r in results.items()]
         res = next(iter(results.values()))  # every alpha scores the same tokens
@@ -67,13 +74,8 @@ def _single(args: argparse.Namespace) -> dict:
         out.update(rows[0] if len(rows) == 1 else {"alpha": list(results), "results": rows})
         return out
     if args.task == "gsm-symbolic":
-        problems = harness.gsm_problems(args.limit or 200, seed=args.seed)
-        items = [(r["prompt"], r["answer"]) for r in problems]
+        items = [(r["prompt"], r["answer"]) for r in records]
         scorer = resolve_scorer("numeric") if args.scorer == "exact" else scorer
-    else:
-        items = harness.read_items(
-            args.data, prompt_field=args.prompt_field, reference_field=args.reference_field
-        )[: args.limit]
     ev = harness.generate_eval(
         model,
         items,
