@@ -116,6 +116,12 @@ def test_early_errors(base_dir, tmp_path):
     other = save_tiny(tmp_path / "other", "llama", "smollm2", seed=3)
     with pytest.raises(ValueError, match="different tokenizer"):
         train_value(str(base_dir), str(other), RECS, _cfg(tmp_path / "a"))
+    with pytest.raises(ValueError, match="different tokenizer"):  # cut from another family
+        train_value(str(base_dir), f"first-1-layers:{other}", RECS, _cfg(tmp_path / "a"))
+    with pytest.raises(ValueError, match="neither a zoo model"):
+        train_value(
+            str(base_dir), f"first-1-layers:{tmp_path / 'nope'}", RECS, _cfg(tmp_path / "a")
+        )
     with pytest.raises(ValueError, match="item 1: missing field"):
         train_value(str(base_dir), "random", [RECS[0], {"prompt": "x"}], _cfg(tmp_path / "b"))
     with pytest.raises(ValueError, match="5 layers requested: the model has 2 layers"):

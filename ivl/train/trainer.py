@@ -523,13 +523,16 @@ def train_value(
         and not _FIRST_N.match(vi)
         and not _RANDOM_N.match(vi)
     )
-    if pretrained_value:
-        _check_causal_lm_source(vi, "value_init")
-    if pretrained_value and (isinstance(base, torch.nn.Module) or vi != _name(base)):
-        vfp = artefact.tokenizer_fingerprint(load_tokenizer(vi))
+    # the checkpoint the value's weights come from: a pretrained model, or first-N-layers:SRC
+    cut = _FIRST_N.match(vi) if isinstance(vi, str) else None
+    source = vi if pretrained_value else (cut.group(2) if cut else None)
+    if source is not None:
+        _check_causal_lm_source(source, "value_init")
+    if source is not None and (isinstance(base, torch.nn.Module) or source != _name(base)):
+        vfp = artefact.tokenizer_fingerprint(load_tokenizer(source))
         if vfp != tok_fp:
             raise ValueError(
-                f"the value checkpoint {vi!r} uses a different tokenizer from the base; "
+                f"the value checkpoint {source!r} uses a different tokenizer from the base; "
                 f"{cfg.scheme} training needs one shared tokenizer: initialise the value "
                 f"from a checkpoint of the base's family, or use 'random' / 'first-N-layers'"
             )
