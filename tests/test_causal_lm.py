@@ -124,11 +124,33 @@ def test_beam_search_reorders_every_cache(nets):
 
 
 def test_pipeline_text_generation(nets):
-    from transformers import pipeline
+    import logging
+
+    from transformers import AutoConfig, AutoModelForCausalLM, pipeline
 
     model = _model(nets, "residual")
     lm = IVLForCausalLM(model, alpha=0.8)
-    pipe = pipeline("text-generation", model=lm, tokenizer=model.tokenizer)
+    errors: list[str] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = lambda record: errors.append(record.getMessage())
+    hf_logger = logging.getLogger("transformers")  # does not propagate to the root logger
+    hf_logger.addHandler(handler)
+    try:
+        pipe = pipeline("text-generation", model=lm, tokenizer=model.tokenizer)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert not [e for e in errors if "not supported" in e]
+    # listing it for the pipeline changes no Auto* lookup
+    cfg = AutoConfig.for_model(
+        "llama",
+        num_hidden_layers=1,
+        hidden_size=8,
+        intermediate_size=8,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=16,
+    )
+    assert type(AutoModelForCausalLM.from_config(cfg)).__name__ == "LlamaForCausalLM"
     got = pipe(PROMPTS[2], max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     params = SamplingParams(temperature=0, max_new_tokens=NEW, ignore_eos=True, alpha=0.8)
     expected = IVLEngine(model, max_batch=1, max_len=64).generate(PROMPTS[2], params)

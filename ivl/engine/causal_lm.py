@@ -28,6 +28,18 @@ from ivl.engine.model import IVLModel
 _CASCADE = ("cascade", "cascade_no_text")
 
 
+def _list_for_text_generation() -> None:
+    """Name IVLForCausalLM among the causal LMs ``pipeline("text-generation")`` checks by class
+    name, so it does not log a page-long "not supported" error (it is supported: tested). The
+    key has no config registered, so no Auto* lookup can ever resolve to it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("ivl", "IVLForCausalLM")
+
+
+_list_for_text_generation()
+
+
 class IVLCache(Cache):
     """One ``DynamicCache`` per model of an :class:`IVLModel`, kept position-aligned.
 
