@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ivl.engine.concurrent import ForwardPool
+from ivl.engine.concurrent import ForwardPool, with_narrow_linears
 
 logger = logging.getLogger("ivl")
 
@@ -205,6 +205,8 @@ class PairedKVCache:
         for m in self.models.values():
             check_attention_impl(m)
         self.lengths = [0] * max_batch  # tokens cached per slot (== next position)
+        # run forwards inside NarrowLinears (the engine's choice on the CPU, see concurrent.py)
+        self.narrow_linears = False
 
     # ---- masks --------------------------------------------------------------------------
     def _mask(self, name: str, q_pos: torch.Tensor, kv_len: int, dtype: torch.dtype):
@@ -266,18 +268,20 @@ class PairedKVCache:
             )
         dev = self._device(name)
         pos = torch.arange(start, start + length, device=dev)[None]  # [1, L]
+        call = functools.partial(
+            self.models[name],
+            input_ids=None if input_ids is None else input_ids[None].to(dev),
+            inputs_embeds=None if inputs_embeds is None else inputs_embeds[None].to(dev),
+            position_ids=pos,
+            attention_mask=self._mask(name, pos, start + length, self._dtype(name)),
+            cache=self.caches[name],
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
         p = self._plan
         p.mode, p.slot, p.start, p.kv_len = "prefill", slot, start, start + length
         try:
-            out = self.models[name](
-                input_ids=None if input_ids is None else input_ids[None].to(dev),
-                inputs_embeds=None if inputs_embeds is None else inputs_embeds[None].to(dev),
-                position_ids=pos,
-                attention_mask=self._mask(name, pos, start + length, self._dtype(name)),
-                cache=self.caches[name],
-                use_cache=True,
-                logits_to_keep=logits_to_keep,
-            )
+            (out,) = self._run([call])
         finally:
             p.mode = "idle"
         return out.logits[0]
@@ -330,7 +334,7 @@ class PairedKVCache:
         p = self._plan
         p.mode, p.n, p.pos, p.kv_len = "decode", n, pos, kv_len
         try:
-            outs = pool.run(calls) if pool is not None else [call() for call in calls]
+            outs = self._run(calls, pool)
         finally:
             p.mode = "idle"
         return [out.logits[:, -1] for out in outs]
@@ -425,11 +429,17 @@ class PairedKVCache:
         p = self._plan
         p.mode, p.n, p.pos, p.kv_len, p.row0 = "extend", n, wpos, kv_len, row0
         try:
-            outs = pool.run(calls) if pool is not None else [call() for call in calls]
+            outs = self._run(calls, pool)
         finally:
             p.mode, p.row0 = "idle", 0
         col = torch.tensor([keep.index(c - 1) for c in counts], device=dev)
         return [out.logits[torch.arange(n, device=dev), col] for out in outs]
+
+    def _run(self, calls: list, pool: ForwardPool | None = None) -> list:
+        """The forwards' outputs: side by side with ``pool``, else one after the other."""
+        if self.narrow_linears:
+            calls = [with_narrow_linears(call) for call in calls]
+        return pool.run(calls) if pool is not None else [call() for call in calls]
 
     def fits(self, name: str, slot: int, new: int) -> bool:
         """Whether ``new`` more tokens fit in ``slot`` of ``name``."""

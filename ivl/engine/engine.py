@@ -64,6 +64,17 @@ class _Request:
 
 # Padded tokens per batched prefill forward (rows x longest prompt): bounds its activations.
 _PREFILL_TOKENS = 8192
+# Forwards whose weights are within this ratio run side by side by default (IVLEngine).
+_SIMILAR_COST = 0.5
+
+
+def _forward_weights(model) -> int:
+    """Weights a forward multiplies by: every parameter except an input embedding that is not
+    also the output head (a lookup, not a product)."""
+    total = sum(p.numel() for p in model.parameters())
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    return total if tied else total - emb.weight.numel()
 
 
 class _Text:
@@ -131,6 +142,11 @@ class IVLEngine:
         Value-side positions per slot when the value model has another tokenizer (its token
         count differs from the base's); default: twice ``max_len`` (capped by the value's
         ``max_position_embeddings``). A request whose value side fills up finishes ("length").
+    parallel_forwards : bool, optional
+        Run the forwards of a step that do not depend on each other side by side, one worker
+        thread each (ivl.engine.concurrent). Default: on the CPU, when the models cost about the
+        same per token (the smallest multiplies at least half the weights of the largest);
+        otherwise one after the other, each with every thread.
 
     Attributes
     ----------
@@ -173,11 +189,16 @@ class IVLEngine:
             unaligned["value"] = int(value_max_len or min(2 * self.max_len, limit))
         self.cache = PairedKVCache(models, self.max_batch, self.max_len, unaligned)
         side_by_side = model.bridge is None and model.scheme not in ("cascade", "cascade_no_text")
+        on_cpu = model.device.type == "cpu"
         if parallel_forwards is None:
-            parallel_forwards = model.device.type == "cpu"
+            # Side by side each forward has one thread; a big base beside a small value would
+            # then set the step time alone, where one after the other it gets every thread.
+            costs = [_forward_weights(m) for m in models.values()]
+            parallel_forwards = on_cpu and min(costs) >= _SIMILAR_COST * max(costs)
         self._pool = (
             ForwardPool.for_cpu(len(models)) if parallel_forwards and side_by_side else None
         )
+        self.cache.narrow_linears = on_cpu
         self.bridge_stats = {"steps": 0, "fed": 0, "encoded": 0}
         self._text = _Text(model.tokenizer)
         self._eos = frozenset(model.eos_ids())
