@@ -1,4 +1,5 @@
-"""ivl.engine.concurrent.ForwardPool: per-worker intra-op threads, the caller's state untouched."""
+"""ivl.engine.concurrent: ForwardPool (per-worker intra-op threads, the caller's state untouched)
+and the routing of decode-step linears to the narrow kernel."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ivl.engine.concurrent import ForwardPool
 
@@ -70,35 +72,69 @@ def test_for_cpu_splits_the_threads():
         ForwardPool(1, 4)
 
 
-def test_narrow_linears_same_product_for_few_rows_only(monkeypatch):
-    import torch.nn.functional as F
-
-    from ivl.engine.concurrent import NARROW_ROWS, NarrowLinears
+def test_routed_linears_go_narrow_for_few_rows_only_when_switched_on(monkeypatch):
+    from ivl.engine import concurrent
+    from ivl.engine.concurrent import NARROW_ROWS, narrow_linears, route_linears
 
     torch.manual_seed(0)
-    w, b = torch.randn(40, 24), torch.randn(40)
+    plain = torch.nn.Linear(24, 40)
+    custom = torch.nn.Linear(24, 40)
+    custom.forward = lambda x: torch.zeros(())  # an instance forward of the user's: kept
+    model = torch.nn.Sequential(plain, torch.nn.Sequential(custom))
+    route_linears(model)
+    route_linears(model)  # idempotent
+    assert custom(torch.randn(2, 24)).shape == ()
     calls = []
-    mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *a: calls.append(a[0].shape) or mm(*a))
+    narrow_linear = concurrent._narrow_linear
+    monkeypatch.setattr(
+        concurrent, "_narrow_linear", lambda x, *a: calls.append(x.shape) or narrow_linear(x, *a)
+    )
     for shape in ((3, 24), (2, 5, 24), (NARROW_ROWS, 24), (NARROW_ROWS + 1, 24)):
         x = torch.randn(shape)
-        want_w, want_wb = F.linear(x, w), F.linear(x, w, b)
-        calls.clear()
-        with NarrowLinears():
-            got_w, got_wb = F.linear(x, w), F.linear(x, w, bias=b)
-            half = F.linear(x.half(), w.half())  # fp16: left to torch
-        narrow = x.numel() // 24 <= NARROW_ROWS
-        assert calls == ([w.shape, w.shape] if narrow else [])  # the weight on the left
-        assert got_w.shape == want_w.shape and got_w.is_contiguous()
-        torch.testing.assert_close(got_w, want_w)
-        torch.testing.assert_close(got_wb, want_wb)
+        want = F.linear(x, plain.weight, plain.bias)
+        with torch.no_grad():
+            off = plain(x)  # routed but not switched on: F.linear exactly
+            calls.clear()
+            with narrow_linears():
+                got = plain(x)
+                half = plain.half()(x.half())  # fp16: left to torch
+                plain.float()
+        rows = x.numel() // 24
+        assert calls == ([(rows, 24)] if rows <= NARROW_ROWS else [])
+        assert torch.equal(off, want)
+        assert got.shape == want.shape and got.is_contiguous()
+        torch.testing.assert_close(got, want)
         assert half.dtype == torch.float16
-    assert F.linear(torch.randn(2, 24), w).shape == (2, 40)  # outside the mode: untouched
-    assert not calls
+    with narrow_linears():
+        with narrow_linears():
+            pass
+        assert concurrent._switch.on  # nested exits restore the outer state
+        calls.clear()
+        y = plain(torch.randn(2, 24))  # grad enabled and the weight requires it: left to torch
+        assert not calls and y.requires_grad
+    assert not concurrent._switch.on
+    seen = []  # the switch is per thread: a thread that did not switch it on stays plain
+    with narrow_linears():
+        t = threading.Thread(target=lambda: seen.append(concurrent._switch.__dict__.get("on")))
+        t.start()
+        t.join()
+    assert seen == [None]
 
 
-def test_engine_runs_forwards_side_by_side_only_when_they_cost_alike():
-    from ivl.engine import IVLEngine, IVLModel, SamplingParams
+def test_narrow_linear_uses_the_native_kernel_else_blas(monkeypatch):
+    from ivl.engine.concurrent import _narrow_linear
+    from ivl.ops import _native
+
+    x, w, b = torch.randn(5, 24), torch.randn(40, 24), torch.randn(40)
+    if _native.AVAILABLE:
+        assert torch.equal(_narrow_linear(x, w, b), torch.ops.ivl.narrow_linear(x, w, b))
+    monkeypatch.setattr(_native, "AVAILABLE", False)
+    assert torch.equal(_narrow_linear(x, w, b), torch.mm(w, x.T).T + b)  # weight on the left
+    assert _narrow_linear(x, w, None).is_contiguous()
+
+
+def test_engine_runs_forwards_side_by_side_only_when_they_cost_alike(monkeypatch):
+    from ivl.engine import IVLEngine, IVLModel, SamplingParams, concurrent
     from ivl.models.tiny import tiny_model
 
     # wide MLPs, so the layers (not the 50k-token head) set a forward's cost: 4 layers vs 1
@@ -118,11 +154,24 @@ def test_engine_runs_forwards_side_by_side_only_when_they_cost_alike():
     assert paired._pool is not None and forced._pool is not None
     assert one_by_one._pool is None
     assert paired.cache.narrow_linears and one_by_one.cache.narrow_linears  # on the CPU
-    # the narrow products give the tokens of the plain ones
+    # both ways the decode linears run the narrow kernel, and give the tokens of plain ones
+    rows = []
+    narrow_linear = concurrent._narrow_linear
+    monkeypatch.setattr(
+        concurrent, "_narrow_linear", lambda x, *a: rows.append(len(x)) or narrow_linear(x, *a)
+    )
     params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
     prompts = ["Hello there", "The quick brown fox jumps over the lazy dog"]
     narrow = [r.token_ids for r in one_by_one.generate_many(prompts, params)]
-    one_by_one.cache.narrow_linears = False
+    assert rows.count(2) >= 7 * (4 + 1) * 7  # 7 decode steps x 5 layers x 7 linears, 2 rows
+    rows.clear()
+    assert [r.token_ids for r in forced.generate_many(prompts, params)] == narrow
+    assert rows.count(2) >= 7 * (4 + 1) * 7
+    for engine in (one_by_one, forced):
+        engine.cache.narrow_linears = False
+    rows.clear()
     assert [r.token_ids for r in one_by_one.generate_many(prompts, params)] == narrow
+    assert [r.token_ids for r in forced.generate_many(prompts, params)] == narrow
+    assert not rows
     for engine in (paired, forced):
         engine._pool.close()

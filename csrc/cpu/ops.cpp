@@ -50,8 +50,8 @@ at::Tensor merge_logits_cpu(const at::Tensor& base, const std::optional<at::Tens
           const int64_t c0 = std::max<int64_t>(begin - r * Vb, 0);
           const int64_t c1 = std::min<int64_t>(end - r * Vb, Vb);
           const TV* value_row = value_p ? value_p + r * value_stride : nullptr;
-          merge_span(base_p + r * base_stride, value_row, alpha_p[r * alpha_stride], p, c0,
-                     c1, out_p + r * Vb);
+          merge_span(base_p + r * base_stride, value_row, alpha_p[r * alpha_stride], p, c0, c1,
+                     out_p + r * Vb);
         }
       });
     };
@@ -110,6 +110,9 @@ TORCH_LIBRARY(ivl, m) {
       "Tensor? map_weight, float fill, int vocab_limit, Tensor temperature, Tensor top_k, "
       "Tensor top_p, Tensor min_p, Tensor seed, Tensor step, bool want_logprobs=True) "
       "-> (Tensor tokens, Tensor logprobs)");
+  // y = x weight^T (+ bias), fp32 x [M, K], weight [N, K]: the linears of a CPU decode step
+  // (few rows; csrc/include/ivl/linear_cpu.h). Each element's result is independent of M.
+  m.def("narrow_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // The fake (meta) impls are registered from Python; torch imports this module to find them.
   m.set_python_module("ivl.ops._native");
 }

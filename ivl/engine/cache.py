@@ -205,8 +205,8 @@ class PairedKVCache:
         for m in self.models.values():
             check_attention_impl(m)
         self.lengths = [0] * max_batch  # tokens cached per slot (== next position)
-        # run forwards that have every thread (not side by side) inside NarrowLinears: the
-        # engine's choice on the CPU, see concurrent.py
+        # run forwards inside concurrent.narrow_linears (the engine's choice on the CPU, where
+        # it routes its models' linears)
         self.narrow_linears = False
 
     # ---- masks --------------------------------------------------------------------------
@@ -438,12 +438,10 @@ class PairedKVCache:
 
     def _run(self, calls: list, pool: ForwardPool | None = None) -> list:
         """The forwards' outputs: side by side with ``pool``, else one after the other."""
-        if pool is not None:
-            # one thread per forward: narrow products gain nothing there, and the mode's
-            # per-op Python dispatch costs (SmolLM2 pair, batch 16: 247 vs 218 ms per step)
-            return pool.run(calls)
-        if self.narrow_linears:
+        if self.narrow_linears:  # switched on in whichever thread runs the forward
             calls = [with_narrow_linears(call) for call in calls]
+        if pool is not None:
+            return pool.run(calls)
         return [call() for call in calls]
 
     def fits(self, name: str, slot: int, new: int) -> bool:

@@ -1,5 +1,5 @@
-"""Model forwards on the CPU: side by side (ForwardPool), and with narrow linears that use
-every thread (NarrowLinears).
+"""Model forwards on the CPU: side by side (ForwardPool), and with decode-step linears through
+ivl's narrow kernel (route_linears / narrow_linears).
 
 A decode step of the residual and proxy schemes runs two or three forwards on the same inputs
 that do not depend on each other. At decode batch sizes a forward is a chain of small matrix
@@ -12,24 +12,28 @@ inside its ops, so the workers overlap.
 Intra-op thread counts are per thread (OpenMP and MKL keep them per thread), so the workers set
 theirs once and the caller's threads keep theirs.
 
-Why decode matmuls use threads poorly: ``nn.Linear`` computes ``x @ W.T``, and for few rows
-(16 x 896 x 4,864, Qwen2.5-0.5B's MLP at batch 16) MKL runs that 1.1-1.4x faster on two threads
-than on one, while ``(W @ x.T).T``, the same product with the weight on the left, runs ~2x
-faster (1.3-2.2x faster than ``x @ W.T`` on two threads; equal on one). NarrowLinears routes
-linears of few rows through the latter. It helps a forward that has several threads; side by
-side each forward has one, so the engine overlaps forwards of similar cost and runs a big base
-with a small value one after the other, each with every thread (IVLEngine).
+Narrow linears: ``nn.Linear`` computes ``x @ W.T`` with BLAS, which for the few rows of a decode
+step (16 x 896 x 4,864, Qwen2.5-0.5B's MLP at batch 16) reaches ~4 GB/s of weight streamed on
+this machine's two threads, 1.1-1.4x its one-thread speed. ``torch.ops.ivl.narrow_linear``
+(csrc/include/ivl/linear_cpu.h) streams each weight once as dot products of 4 x 3 tiles and
+runs 1.6-5x faster at 1-16 rows on two threads, 1.4-1.6x on one (docs/engine.md). The engine routes
+its models' ``nn.Linear`` layers (route_linears: an instance-level forward, a plain
+``F.linear`` unless switched on) and switches them on per thread around its forwards
+(narrow_linears), so the cost is one flag check per linear, not a Python hook per torch op.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import types
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+
+from ivl.ops import _native
 
 
 def _init_worker(threads: int) -> None:
@@ -83,40 +87,62 @@ class ForwardPool:
         self._executor.shutdown(wait=True)
 
 
-# Rows up to which (W @ x.T).T beats x @ W.T: decode steps and short extends (measured at 16
-# and 64 rows; a prefill of thousands of rows already uses every thread).
+# Rows up to which the narrow kernel beats BLAS: decode steps and short extends (measured at 1
+# to 64 rows; a prefill of thousands of rows is BLAS's home ground).
 NARROW_ROWS = 64
 
+_switch = threading.local()  # .on: this thread's forwards route their linears (narrow_linears)
 
-class NarrowLinears(TorchFunctionMode):
-    """Within it, ``F.linear`` on at most NARROW_ROWS rows of fp32 CPU input computes
-    ``(W @ x.T).T``: the same product, with the weight as the left operand (see the module
-    docstring). Modes are per thread: enter it in the thread that runs the forward."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[0], args[1]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            rows = x.numel() // max(x.shape[-1], 1)
-            if (
-                0 < rows <= NARROW_ROWS
-                and x.device.type == "cpu"
-                and x.dtype == weight.dtype == torch.float32
-                and weight.dim() == 2
-            ):
-                y = torch.mm(weight, x.reshape(rows, x.shape[-1]).T).T
-                if bias is not None:
-                    y = y + bias
-                return y.contiguous().view(*x.shape[:-1], weight.shape[0])
-        return func(*args, **kwargs)
+def _narrow_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward, through the narrow kernel when this thread asked for it."""
+    weight, bias = self.weight, self.bias
+    if getattr(_switch, "on", False) and x.dtype == weight.dtype == torch.float32:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if (
+            0 < rows <= NARROW_ROWS
+            and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        ):
+            y = _narrow_linear(x.reshape(rows, x.shape[-1]), weight, bias)
+            return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def route_linears(model: torch.nn.Module) -> None:
+    """Let the ``nn.Linear`` layers of ``model`` take the narrow path inside
+    :func:`narrow_linears`; outside it they compute ``F.linear`` exactly as before. Layers
+    whose forward was already replaced on the instance, and subclasses, are left alone."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and "forward" not in vars(module):
+            module.forward = types.MethodType(_narrow_forward, module)
+
+
+@contextlib.contextmanager
+def narrow_linears():
+    """Within it, this thread's routed linears (:func:`route_linears`) on at most NARROW_ROWS
+    rows of fp32 CPU input run ivl's narrow kernel (see the module docstring)."""
+    before = getattr(_switch, "on", False)
+    _switch.on = True
+    try:
+        yield
+    finally:
+        _switch.on = before
+
+
+def _narrow_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """x [M, K] @ weight[N, K].T (+ bias): ivl's kernel, else BLAS with the weight on the left."""
+    if _native.AVAILABLE:
+        return torch.ops.ivl.narrow_linear(x, weight, bias)
+    y = torch.mm(weight, x.T).T
+    return (y if bias is None else y + bias).contiguous()
 
 
 def with_narrow_linears(fn: Callable) -> Callable:
-    """``fn`` run inside :class:`NarrowLinears` (in whichever thread calls it)."""
+    """``fn`` run inside :func:`narrow_linears` (in whichever thread calls it)."""
 
     def run():
-        with NarrowLinears():
+        with narrow_linears():
             return fn()
 
     return run

@@ -1,7 +1,9 @@
 """The native kernels in ``ivl._C``: availability, fake (meta) impls and thin callables.
 
 Importing ``ivl._C`` registers ``torch.ops.ivl.{merge_logits, philox_uniform, merged_log_softmax,
-merge_sample}`` (C++ CPU kernels, plus CUDA kernels when the extension was built with nvcc). Their
+merge_sample}`` (C++ CPU kernels, plus CUDA kernels when the extension was built with nvcc) and
+the CPU-only ``torch.ops.ivl.narrow_linear`` (``x @ weight.T + bias`` for the few rows of a decode
+step; the engine routes its CPU forwards' linears through it, ``ivl.engine.concurrent``). Their
 semantics are those of ``ivl.ops.reference``: bit for bit for ``merge_logits`` and the random
 stream, token for token for ``merge_sample`` (up to the float-rounding cases documented in
 ``tests/test_merge_sample.py``), to fp32 rounding for log-probabilities. The schemas live in
@@ -73,6 +75,11 @@ if AVAILABLE:
         torch._check(base.dim() == 2, lambda: f"base must be [B, V], got {tuple(base.shape)}")
         n = base.shape[0]
         return base.new_empty((n,), dtype=torch.int64), base.new_empty((n,), dtype=torch.float32)
+
+    @torch.library.register_fake("ivl::narrow_linear")
+    def _narrow_linear_fake(x, weight, bias):
+        torch._check(x.dim() == 2, lambda: f"x must be [M, K], got {tuple(x.shape)}")
+        return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def merge_logits(

@@ -1,0 +1,110 @@
+// y = x W^T (+ b) for few rows of x: the decode-step linear of a CPU forward (host only,
+// framework-free; csrc/cpu/linear.cpp binds it as torch.ops.ivl.narrow_linear).
+//
+// Why not BLAS: at decode sizes (M = 1..64 rows against a weight of N x K) the product streams
+// the weight once and does only 2M flops per weight element; MKL's sgemm packs operands and
+// blocks for large M, and reaches 35-45% of this kernel's speed at M = 16 (see docs/engine.md).
+// Here the weight is used where it lies: each output element is a dot product of one x row and
+// one weight row over K, computed for a 4 x 3 tile of (rows, outputs) at once: 12 AVX2
+// accumulators, 7 loads per 12 FMAs, and the 3 weight rows of a tile (K floats each) stay in L1
+// while every group of 4 x rows passes over them. Callers split the outputs [n0, n1) between
+// threads; each thread streams its own slab of the weight.
+//
+// Every output element is computed by the same sequence of operations whatever M, the tile it
+// falls in or the split between threads: 8 lane sums over k = 8j + lane (FMA), a fixed pairwise
+// horizontal sum, then the k tail in order. So a row's result does not depend on the other rows
+// in the batch (batch invariance) nor on the thread count.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define IVL_LINEAR_X86 1
+#include <immintrin.h>
+#else
+#define IVL_LINEAR_X86 0
+#endif
+
+namespace ivl {
+namespace cpu {
+
+// Whether narrow_linear_avx2 may run: the CPU has AVX2 and FMA, and IVL_CPU_SIMD is not "0".
+inline bool cpu_has_avx2_fma() {
+#if IVL_LINEAR_X86
+  static const bool ok = [] {
+    const char* env = std::getenv("IVL_CPU_SIMD");
+    if (env != nullptr && env[0] == '0') return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#if IVL_LINEAR_X86
+
+__attribute__((target("avx2,fma"), always_inline)) inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// y[i * ldy + j] = bias[j] + sum_k x[i * ldx + k] * w[j * ldw + k] for i < MR, j < NR.
+template <int MR, int NR>
+__attribute__((target("avx2,fma"), always_inline)) inline void linear_tile(
+    const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, int64_t K,
+    float* y, int64_t ldy) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      float s = hsum8(acc[i][j]);
+      for (int64_t t = k; t < K; ++t) s += x[i * ldx + t] * w[j * ldw + t];
+      y[i * ldy + j] = bias != nullptr ? s + bias[j] : s;
+    }
+  }
+}
+
+constexpr int kTileRows = 4;  // x rows per tile
+constexpr int kTileCols = 3;  // weight rows (outputs) per tile
+
+// Outputs [n0, n1) of y = x W^T (+ bias) for all M rows: x [M, K] (row stride ldx), w [N, K]
+// (row stride ldw), bias [N] or null, y [M, N] (row stride ldy). Unit stride along K.
+__attribute__((target("avx2,fma"), flatten)) inline void narrow_linear_avx2(
+    const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* y,
+    int64_t ldy, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kTileCols <= n1; n += kTileCols) {
+    const float* wn = w + n * ldw;
+    const float* bn = bias != nullptr ? bias + n : nullptr;
+    int64_t m = 0;
+    for (; m + kTileRows <= M; m += kTileRows)
+      linear_tile<kTileRows, kTileCols>(x + m * ldx, ldx, wn, ldw, bn, K, y + m * ldy + n, ldy);
+    for (; m < M; ++m)
+      linear_tile<1, kTileCols>(x + m * ldx, ldx, wn, ldw, bn, K, y + m * ldy + n, ldy);
+  }
+  for (; n < n1; ++n) {
+    const float* bn = bias != nullptr ? bias + n : nullptr;
+    for (int64_t m = 0; m < M; ++m)
+      linear_tile<1, 1>(x + m * ldx, ldx, w + n * ldw, ldw, bn, K, y + m * ldy + n, ldy);
+  }
+}
+
+#endif  // IVL_LINEAR_X86
+
+}  // namespace cpu
+}  // namespace ivl
