@@ -9,7 +9,11 @@ new_tokens tokens), same prompts:
 - ``base_hf``: the base alone, HF ``generate`` with its DynamicCache (the no-value speed);
 - ``floor``: base + value forwards alone with HF DynamicCaches, same batch: a batched prefill,
   then every decode step of the output timed (mean), no merge / sampling / bookkeeping;
-- ``hf_proc``: base HF ``generate`` + ``IVLLogitsProcessor`` (value model with its own cache);
+- ``floor_narrow``: the same with ivl's narrow linears switched on (the forwards the engine
+  runs on the CPU, ``ivl.engine.concurrent``), so engine / floor_narrow is the cost of the
+  engine's own work (or its gain from overlapping the forwards);
+- ``hf_proc``: base HF ``generate`` + ``IVLLogitsProcessor`` (value model with its own cache;
+  the processor runs the value with ivl's narrow linears, HF runs the base with ``nn.Linear``);
 - ``proxy``: IVLEngine in proxy-tuning mode, three cached models (expert = anti-expert = the
   value weights here: the cost is what matters);
 - ``naive``: the authors' approach (no KV cache, recompute both models over the prefix every
@@ -32,6 +36,7 @@ stream and an HF streamer; the median step for the floor), ``peak_mb`` = peak pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -195,16 +200,19 @@ def _hf_run(model, prompts, *, proc: bool):
 
 
 @torch.inference_mode()
-def _floor(model, prompts, steps: int) -> tuple[float, float, float]:
-    """(prefill seconds, mean decode seconds per step, peak MB) for base + value forwards.
+def _floor(model, prompts, steps: int, narrow: bool = False) -> tuple[float, float, float]:
+    """(prefill seconds, mean decode seconds per step, peak MB) for base + value forwards, with
+    ivl's narrow linears when ``narrow`` (the forwards the engine runs on the CPU).
 
     The mean over all ``steps`` steps of the output, like the engine's decode figure: a step
     late in a long output attends to a longer prefix and costs more than an early one."""
     from transformers import DynamicCache
 
+    from ivl.engine.concurrent import narrow_linears
+
     ids = torch.tensor(prompts, dtype=torch.int64)
     pairs = (("base", model.base), ("value", model.value))
-    with PeakRSS() as mem:
+    with PeakRSS() as mem, narrow_linears() if narrow else contextlib.nullcontext():
         caches = {name: DynamicCache(config=m.config) for name, m in pairs}
         t0 = time.perf_counter()
         for name, m in pairs:
@@ -257,13 +265,15 @@ def _shape_rows(residual, proxy, label, dtype, batch, plen, new, naive_tokens, f
             flush=True,
         )
     floor_steps = floor_steps or max(1, new - 1)
-    prefill, step, peak = _floor(residual, prompts, floor_steps)
-    stats["floor"] = dict(
-        secs=prefill + new * step,
-        peak=peak,
-        decode=step,
-        note=f"prefill + {new} x mean of {floor_steps} timed decode steps",
-    )
+    for name, narrow in (("floor", False), ("floor_narrow", True)):
+        prefill, step, peak = _floor(residual, prompts, floor_steps, narrow)
+        stats[name] = dict(
+            secs=prefill + new * step,
+            peak=peak,
+            decode=step,
+            note=f"prefill + {new} x mean of {floor_steps} timed decode steps",
+        )
+        print(f"  {name:12s} {step * 1e3:9.2f} ms/step", flush=True)
     k = min(naive_tokens, new)
     first = _naive_ms(residual, prompts[0], k)
     if new > k:
@@ -283,7 +293,7 @@ def _shape_rows(residual, proxy, label, dtype, batch, plen, new, naive_tokens, f
             "from their mean"
         ),
     )
-    print(f"  floor    {step * 1e3:9.2f} ms/step; naive {per_tok:.1f} ms/token (b1)", flush=True)
+    print(f"  naive {per_tok:.1f} ms/token (b1)", flush=True)
     rows = []
     eng = stats["engine"]
     for name, s in stats.items():
@@ -302,7 +312,7 @@ def _shape_rows(residual, proxy, label, dtype, batch, plen, new, naive_tokens, f
                 "peak_mb": "" if s["peak"] != s["peak"] else round(s["peak"], 1),
                 "engine_speedup": round(s["secs"] / eng["secs"], 3),
                 "engine_decode_over_floor": (
-                    round(eng["decode"] / stats["floor"]["decode"], 3) if name == "floor" else ""
+                    round(eng["decode"] / s["decode"], 3) if name.startswith("floor") else ""
                 ),
                 "mem": "peak RSS delta, sampled 2 ms",
                 "note": s["note"],

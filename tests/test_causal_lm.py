@@ -55,22 +55,32 @@ def _hf_kw(tok) -> dict:
     "scheme, alpha",
     [("residual", 0.8), ("residual", 0.0), ("proxy", 1.0), ("cascade", 1.0)],
 )
-def test_generate_matches_engine(nets, scheme, alpha):
+def test_generate_matches_engine(nets, scheme, alpha, monkeypatch):
+    from ivl.engine import concurrent
+
     model = _model(nets, scheme)
     tok = model.tokenizer
     expected = _engine_tokens(model, alpha)
     lm = IVLForCausalLM(model, alpha=alpha)
     enc = tok(PROMPTS, return_tensors="pt", padding=True)  # left-padded batch
     plen = enc.input_ids.shape[1]
+    narrow = []  # the forwards' linears take ivl's narrow kernel on the CPU, as in the engine
+    narrow_linear = concurrent._narrow_linear
+    monkeypatch.setattr(
+        concurrent, "_narrow_linear", lambda x, *a: narrow.append(len(x)) or narrow_linear(x, *a)
+    )
     out = lm.generate(**enc, **_hf_kw(tok))
+    assert narrow.count(len(PROMPTS)) >= NEW - 1
     assert [out[i, plen:].tolist() for i in range(len(PROMPTS))] == expected
     # no cache: every step recomputes all models over the prefix; same tokens
     out_nc = lm.generate(**enc, use_cache=False, **_hf_kw(tok))
     assert torch.equal(out_nc, out)
     if scheme in ("residual", "proxy"):  # the logits processor (base's own generate) agrees too
         proc = IVLLogitsProcessor(model, alpha=alpha, attention_mask=enc.attention_mask)
+        narrow.clear()
         out_p = model.base.generate(**enc, logits_processor=[proc], **_hf_kw(tok))
         assert [out_p[i, plen:].tolist() for i in range(len(PROMPTS))] == expected
+        assert narrow.count(len(PROMPTS)) >= NEW - 1  # the value forwards
 
 
 def test_generate_alpha_per_call_and_base_alone(nets):

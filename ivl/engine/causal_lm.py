@@ -23,6 +23,7 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ivl.engine.concurrent import narrow_linears
 from ivl.engine.model import IVLModel
 
 _CASCADE = ("cascade", "cascade_no_text")
@@ -199,14 +200,15 @@ class IVLForCausalLM(PreTrainedModel, GenerationMixin):
         past = cache.get_seq_length() if cache is not None else 0
 
         def run(name: str, model, keep, **inputs) -> torch.Tensor:
-            out = model(
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=None if cache is None else cache.caches[name],
-                use_cache=use_cache,
-                logits_to_keep=keep,
-                **inputs,
-            )
+            with narrow_linears():  # CPU decode steps: ivl's narrow kernel (concurrent.py)
+                out = model(
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=None if cache is None else cache.caches[name],
+                    use_cache=use_cache,
+                    logits_to_keep=keep,
+                    **inputs,
+                )
             return out.logits
 
         cascade = m.scheme in _CASCADE

@@ -13,11 +13,11 @@ Intra-op thread counts are per thread (OpenMP and MKL keep them per thread), so 
 theirs once and the caller's threads keep theirs.
 
 Narrow linears: ``nn.Linear`` computes ``x @ W.T`` with BLAS, which for the few rows of a decode
-step (16 x 896 x 4,864, Qwen2.5-0.5B's MLP at batch 16) reaches ~4 GB/s of weight streamed on
-this machine's two threads, 1.1-1.4x its one-thread speed. ``torch.ops.ivl.narrow_linear``
-(csrc/include/ivl/linear_cpu.h) streams each weight once as dot products of 4 x 3 tiles and
-runs 1.6-5x faster at 1-16 rows on two threads, 1.4-1.6x on one (docs/engine.md). The engine routes
-its models' ``nn.Linear`` layers (route_linears: an instance-level forward, a plain
+step (16 x 896 x 4,864, Qwen2.5-0.5B's MLP at batch 16) streams ~4-8 GB/s of weight on this
+machine's two threads, little faster than on one. ``torch.ops.ivl.narrow_linear``
+(csrc/include/ivl/linear_cpu.h) streams each weight once as dot products of 4 x 3 tiles: 1.3-5.6x
+faster at 1-16 rows on two threads, 1.2-1.7x at 16 rows on one (docs/engine.md). The engine
+routes its models' ``nn.Linear`` layers (route_linears: an instance-level forward, plain
 ``F.linear`` unless switched on) and switches them on per thread around its forwards
 (narrow_linears), so the cost is one flag check per linear, not a Python hook per torch op.
 """

@@ -36,7 +36,7 @@ import torch
 
 from ivl.engine.bridge import BridgeState
 from ivl.engine.cache import PairedKVCache
-from ivl.engine.concurrent import ForwardPool, route_linears
+from ivl.engine.concurrent import ForwardPool
 from ivl.engine.model import IVLModel
 from ivl.engine.params import Result, SamplingParams, StreamEvent, derive_seed
 
@@ -198,9 +198,7 @@ class IVLEngine:
         self._pool = (
             ForwardPool.for_cpu(len(models)) if parallel_forwards and side_by_side else None
         )
-        if on_cpu:  # decode-step linears through ivl's narrow kernel (concurrent.py)
-            for m in models.values():
-                route_linears(m)
+        # decode-step linears through ivl's narrow kernel (IVLModel routed them; concurrent.py)
         self.cache.narrow_linears = on_cpu
         self.bridge_stats = {"steps": 0, "fed": 0, "encoded": 0}
         self._text = _Text(model.tokenizer)

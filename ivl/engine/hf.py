@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ivl.engine.concurrent import narrow_linears
 from ivl.engine.model import IVLModel
 
 
@@ -92,9 +93,10 @@ class IVLLogitsProcessor:
             self.mask = torch.cat([self.mask, self.mask.new_ones(b, 1)], dim=1)
         new_ids = input_ids[:, self.seen :]
         pos = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, self.seen :]
-        zv = self._run("value", self.model.value, new_ids, pos)
-        if "anti" in self.caches:
-            zv = zv.float() - self._run("anti", self.model.anti_expert, new_ids, pos).float()
+        with narrow_linears():  # CPU decode steps: ivl's narrow kernel (concurrent.py)
+            zv = self._run("value", self.model.value, new_ids, pos)
+            if "anti" in self.caches:
+                zv = zv.float() - self._run("anti", self.model.anti_expert, new_ids, pos).float()
         self.seen, self.prefix = length, input_ids.clone()
         merged = ivl.merge_logits(
             scores,

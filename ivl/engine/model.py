@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ivl.engine.concurrent import route_linears
+
 logger = logging.getLogger("ivl")
 
 SCHEMES = ("residual", "cascade", "cascade_no_text", "proxy")
@@ -129,7 +131,9 @@ class IVLModel:
     ``vocab_map`` (None, (index, weight) or an ``ivl.VocabMap``), ``fill``, ``vocab_limit``,
     ``bridge`` (an :class:`ivl.engine.bridge.Bridge` when the value model reads another
     tokenization, else None), ``value_tokenizer``, and for proxy-tuning ``expert`` /
-    ``anti_expert``.
+    ``anti_expert``. The models' ``nn.Linear`` layers are routed
+    (:func:`ivl.engine.concurrent.route_linears`): plain ``F.linear`` except inside ivl's own
+    forwards, where CPU decode steps use its narrow kernel.
     """
 
     def __init__(
@@ -156,6 +160,9 @@ class IVLModel:
             if m is not None:
                 m.eval()
                 m.requires_grad_(False)
+                # decode-step linears may take ivl's narrow CPU kernel inside narrow_linears()
+                # (the engine's, IVLForCausalLM's and IVLLogitsProcessor's forwards)
+                route_linears(m)
 
     def require_shared_tokenizer(self, what: str) -> None:
         """Raise if the value model reads another tokenization: only IVLEngine bridges it."""

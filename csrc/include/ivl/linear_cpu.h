@@ -2,8 +2,8 @@
 // framework-free; csrc/cpu/linear.cpp binds it as torch.ops.ivl.narrow_linear).
 //
 // Why not BLAS: at decode sizes (M = 1..64 rows against a weight of N x K) the product streams
-// the weight once and does only 2M flops per weight element; MKL's sgemm packs operands and
-// blocks for large M, and reaches 35-45% of this kernel's speed at M = 16 (see docs/engine.md).
+// the weight once and does only 2M flops per weight element; torch's BLAS sgemm (MKL here) is
+// built for large M and runs 1.6-2.9x slower than this kernel at M = 16 (docs/engine.md).
 // Here the weight is used where it lies: each output element is a dot product of one x row and
 // one weight row over K, computed for a 4 x 3 tile of (rows, outputs) at once: 12 AVX2
 // accumulators, 7 loads per 12 FMAs, and the 3 weight rows of a tile (K floats each) stay in L1
