@@ -75,6 +75,7 @@ def test_for_cpu_splits_the_threads():
 def test_routed_linears_go_narrow_for_few_rows_only_when_switched_on(monkeypatch):
     from ivl.engine import concurrent
     from ivl.engine.concurrent import NARROW_ROWS, narrow_linears, route_linears
+    from ivl.ops import _native
 
     torch.manual_seed(0)
     plain = torch.nn.Linear(24, 40)
@@ -97,14 +98,17 @@ def test_routed_linears_go_narrow_for_few_rows_only_when_switched_on(monkeypatch
             calls.clear()
             with narrow_linears():
                 got = plain(x)
-                half = plain.half()(x.half())  # fp16: left to torch
+                half = plain.half()(x.half())  # 16-bit models too (with the native kernel)
+                double = plain.double()(x.double())  # other dtypes: left to torch
                 plain.float()
         rows = x.numel() // 24
-        assert calls == ([(rows, 24)] if rows <= NARROW_ROWS else [])
+        n_half = int(_native.AVAILABLE)
+        assert calls == ([(rows, 24)] * (1 + n_half) if rows <= NARROW_ROWS else [])
         assert torch.equal(off, want)
         assert got.shape == want.shape and got.is_contiguous()
         torch.testing.assert_close(got, want)
-        assert half.dtype == torch.float16
+        assert half.dtype == torch.float16 and double.dtype == torch.float64
+        torch.testing.assert_close(half.float(), want, rtol=1e-2, atol=2e-2)
     with narrow_linears():
         with narrow_linears():
             pass

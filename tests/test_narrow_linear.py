@@ -2,7 +2,8 @@
 the few rows of a CPU decode step.
 
 - Against the float64 product over shapes that hit every tile edge (M, N, K around the 4 x 3
-  tile and the 8-wide K vectors), with and without bias, within fp32 rounding.
+  tile and the 8-wide K vectors), with and without bias, within fp32 rounding; bf16 / fp16
+  models get the fp32 product of their widened values, rounded once.
 - Each output row is bitwise the same whether computed alone or in any batch, and for 1 or 2
   threads (the kernel's documented invariance; BLAS does not promise it).
 - Strided views give the contiguous result; empty shapes; clear errors; opcheck.
@@ -35,10 +36,13 @@ def reference(x, w, b=None):
     return y if b is None else y + b.double()
 
 
-def assert_fp32_close(got, want, k):
-    """fp32 rounding of a K-term dot product: errors grow ~ sqrt(K) eps |x||w|."""
-    assert got.dtype == torch.float32 and got.shape == want.shape
-    assert (got.double() - want).abs().max().item() <= 1e-5 * max(k, 1) ** 0.5 * 4
+def assert_close_to(got, want, k, dtype=torch.float32):
+    """fp32 rounding of a K-term dot product (errors grow ~ sqrt(K) eps |x||w|), then for 16-bit
+    outputs one rounding to ``dtype``."""
+    assert got.dtype == dtype and got.shape == want.shape
+    err = (got.double() - want).abs()
+    rounding = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    assert (err <= 4e-5 * max(k, 1) ** 0.5 + rounding * want.abs()).all(), err.max().item()
 
 
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 64])
@@ -46,8 +50,20 @@ def assert_fp32_close(got, want, k):
 def test_matches_float64_product(m, n, k):
     g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
     x, w, b = (torch.randn(s, generator=g) for s in ((m, k), (n, k), (n,)))
-    assert_fp32_close(op(x, w, None), reference(x, w), k)
-    assert_fp32_close(op(x, w, b), reference(x, w, b), k)
+    assert_close_to(op(x, w, None), reference(x, w), k)
+    assert_close_to(op(x, w, b), reference(x, w, b), k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k", [(1, 5, 7), (4, 40, 100), (16, 97, 131), (64, 12, 896)])
+def test_16_bit_models_get_fp32_products_rounded_once(dtype, m, n, k):
+    g = torch.Generator().manual_seed(m + n + k)
+    x, w, b = (torch.randn(s, generator=g).to(dtype) for s in ((m, k), (n, k), (n,)))
+    assert_close_to(op(x, w, b), reference(x, w, b), k, dtype)
+    assert_close_to(op(x, w, None), reference(x, w), k, dtype)
+    # the widened fp32 problem, rounded once, bit for bit
+    assert torch.equal(op(x, w, b), op(x.float(), w.float(), b.float()).to(dtype))
+    assert torch.equal(op(x[1:], w, b), op(x, w, b)[1:])  # rows independent of the batch
 
 
 def test_rows_do_not_depend_on_the_batch_or_threads():
@@ -91,12 +107,16 @@ def test_bad_inputs_say_what_is_wrong():
     x, w = torch.randn(2, 8), torch.randn(5, 8)
     with pytest.raises(RuntimeError, match=r"x must be \[M, K\]"):
         op(x[None], w, None)
-    with pytest.raises(RuntimeError, match="must be float32"):
-        op(x.half(), w.half(), None)
+    with pytest.raises(RuntimeError, match="one dtype among float32, bfloat16 and float16"):
+        op(x, w.half(), None)
+    with pytest.raises(RuntimeError, match="one dtype among"):
+        op(x.double(), w.double(), None)
     with pytest.raises(RuntimeError, match="x has 8 features but weight expects 9"):
         op(x, torch.randn(5, 9), None)
-    with pytest.raises(RuntimeError, match=r"bias must be float32 \[5\]"):
+    with pytest.raises(RuntimeError, match=r"bias must be Float \[5\]"):
         op(x, w, torch.randn(4))
+    with pytest.raises(RuntimeError, match=r"bias must be BFloat16 \[5\], got Float"):
+        op(x.bfloat16(), w.bfloat16(), torch.randn(5))
 
 
 def test_opcheck():
@@ -104,6 +124,7 @@ def test_opcheck():
     x, w, b = torch.randn(5, 19, generator=g), torch.randn(7, 19, generator=g), torch.randn(7)
     torch.library.opcheck(op.default, (x, w, b))
     torch.library.opcheck(op.default, (x, w, None))
+    torch.library.opcheck(op.default, (x.bfloat16(), w.bfloat16(), b.bfloat16()))
 
 
 def test_without_avx2_falls_back_to_blas():

@@ -110,8 +110,9 @@ TORCH_LIBRARY(ivl, m) {
       "Tensor? map_weight, float fill, int vocab_limit, Tensor temperature, Tensor top_k, "
       "Tensor top_p, Tensor min_p, Tensor seed, Tensor step, bool want_logprobs=True) "
       "-> (Tensor tokens, Tensor logprobs)");
-  // y = x weight^T (+ bias), fp32 x [M, K], weight [N, K]: the linears of a CPU decode step
-  // (few rows; csrc/include/ivl/linear_cpu.h). Each element's result is independent of M.
+  // y = x weight^T (+ bias), x [M, K], weight [N, K], one dtype (fp32 / bf16 / fp16; fp32
+  // products): the linears of a CPU decode step (few rows; csrc/include/ivl/linear_cpu.h).
+  // Each element's result is independent of M.
   m.def("narrow_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   // The fake (meta) impls are registered from Python; torch imports this module to find them.
   m.set_python_module("ivl.ops._native");

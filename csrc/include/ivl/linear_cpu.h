@@ -1,5 +1,8 @@
 // y = x W^T (+ b) for few rows of x: the decode-step linear of a CPU forward (host only,
-// framework-free; csrc/cpu/linear.cpp binds it as torch.ops.ivl.narrow_linear).
+// framework-free; csrc/cpu/linear.cpp binds it as torch.ops.ivl.narrow_linear). Weights are
+// fp32, bf16 or fp16, read where they lie and widened to fp32 in registers; x, bias and the
+// products are fp32 (a 16-bit model's activations are widened once per call by the binding,
+// and its outputs rounded once at the end).
 //
 // Why not BLAS: at decode sizes (M = 1..64 rows against a weight of N x K) the product streams
 // the weight once and does only 2M flops per weight element; torch's BLAS sgemm (MKL here) is
@@ -18,6 +21,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define IVL_LINEAR_X86 1
@@ -29,14 +33,24 @@
 namespace ivl {
 namespace cpu {
 
-// Whether narrow_linear_avx2 may run: the CPU has AVX2 and FMA, and IVL_CPU_SIMD is not "0".
+// 16-bit weight storage (the bits of a bfloat16 / IEEE half), converted to fp32 on load.
+struct bf16_bits {
+  uint16_t bits;
+};
+struct fp16_bits {
+  uint16_t bits;
+};
+
+// Whether narrow_linear_avx2 may run: the CPU has AVX2, FMA and F16C, and IVL_CPU_SIMD is not
+// "0".
 inline bool cpu_has_avx2_fma() {
 #if IVL_LINEAR_X86
   static const bool ok = [] {
     const char* env = std::getenv("IVL_CPU_SIMD");
     if (env != nullptr && env[0] == '0') return false;
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0;
+    return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0 &&
+           __builtin_cpu_supports("f16c") != 0;
   }();
   return ok;
 #else
@@ -46,25 +60,44 @@ inline bool cpu_has_avx2_fma() {
 
 #if IVL_LINEAR_X86
 
-__attribute__((target("avx2,fma"), always_inline)) inline float hsum8(__m256 v) {
+#define IVL_LINEAR_TARGET __attribute__((target("avx2,fma,f16c"), always_inline))
+
+IVL_LINEAR_TARGET inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
 
+// 8 weights as fp32 (exact for every storage type), and one for the K tail.
+IVL_LINEAR_TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+IVL_LINEAR_TARGET inline __m256 load8(const bf16_bits* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+IVL_LINEAR_TARGET inline __m256 load8(const fp16_bits* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+IVL_LINEAR_TARGET inline float load1(const float* p) { return *p; }
+IVL_LINEAR_TARGET inline float load1(const bf16_bits* p) {
+  const uint32_t u = static_cast<uint32_t>(p->bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+IVL_LINEAR_TARGET inline float load1(const fp16_bits* p) { return _cvtsh_ss(p->bits); }
+
 // y[i * ldy + j] = bias[j] + sum_k x[i * ldx + k] * w[j * ldw + k] for i < MR, j < NR.
-template <int MR, int NR>
-__attribute__((target("avx2,fma"), always_inline)) inline void linear_tile(
-    const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, int64_t K,
-    float* y, int64_t ldy) {
+template <int MR, int NR, typename W>
+IVL_LINEAR_TARGET inline void linear_tile(const float* x, int64_t ldx, const W* w, int64_t ldw,
+                                          const float* bias, int64_t K, float* y, int64_t ldy) {
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * ldw + k);
+    for (int j = 0; j < NR; ++j) wv[j] = load8(w + j * ldw + k);
     for (int i = 0; i < MR; ++i) {
       const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
@@ -73,7 +106,7 @@ __attribute__((target("avx2,fma"), always_inline)) inline void linear_tile(
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) {
       float s = hsum8(acc[i][j]);
-      for (int64_t t = k; t < K; ++t) s += x[i * ldx + t] * w[j * ldw + t];
+      for (int64_t t = k; t < K; ++t) s += x[i * ldx + t] * load1(w + j * ldw + t);
       y[i * ldy + j] = bias != nullptr ? s + bias[j] : s;
     }
   }
@@ -82,14 +115,16 @@ __attribute__((target("avx2,fma"), always_inline)) inline void linear_tile(
 constexpr int kTileRows = 4;  // x rows per tile
 constexpr int kTileCols = 3;  // weight rows (outputs) per tile
 
-// Outputs [n0, n1) of y = x W^T (+ bias) for all M rows: x [M, K] (row stride ldx), w [N, K]
-// (row stride ldw), bias [N] or null, y [M, N] (row stride ldy). Unit stride along K.
-__attribute__((target("avx2,fma"), flatten)) inline void narrow_linear_avx2(
-    const float* x, int64_t ldx, const float* w, int64_t ldw, const float* bias, float* y,
-    int64_t ldy, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+// Outputs [n0, n1) of y = x W^T (+ bias) for all M rows, in fp32: x [M, K] fp32 (row stride
+// ldx), w [N, K] fp32 / bf16 / fp16 (row stride ldw), bias [N] fp32 or null, y [M, N] fp32 (row
+// stride ldy). Unit stride along K.
+template <typename W>
+__attribute__((target("avx2,fma,f16c"), flatten)) inline void narrow_linear_avx2(
+    const float* x, int64_t ldx, const W* w, int64_t ldw, const float* bias, float* y, int64_t ldy,
+    int64_t M, int64_t K, int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + kTileCols <= n1; n += kTileCols) {
-    const float* wn = w + n * ldw;
+    const W* wn = w + n * ldw;
     const float* bn = bias != nullptr ? bias + n : nullptr;
     int64_t m = 0;
     for (; m + kTileRows <= M; m += kTileRows)
@@ -103,6 +138,8 @@ __attribute__((target("avx2,fma"), flatten)) inline void narrow_linear_avx2(
       linear_tile<1, 1>(x + m * ldx, ldx, w + n * ldw, ldw, bn, K, y + m * ldy + n, ldy);
   }
 }
+
+#undef IVL_LINEAR_TARGET
 
 #endif  // IVL_LINEAR_X86
 
