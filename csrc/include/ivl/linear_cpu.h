@@ -117,19 +117,33 @@ constexpr int kTileCols = 3;  // weight rows (outputs) per tile
 
 // Outputs [n0, n1) of y = x W^T (+ bias) for all M rows, in fp32: x [M, K] fp32 (row stride
 // ldx), w [N, K] fp32 / bf16 / fp16 (row stride ldw), bias [N] fp32 or null, y [M, N] fp32 (row
-// stride ldy). Unit stride along K.
+// stride ldy). Unit stride along K. Blocks of 6 outputs: groups of 4 rows take them as two
+// 4 x 3 tiles, the 1-3 rows left over as 1 x 6 tiles (6 independent FMA chains: at 1 row a
+// 1 x 3 tile waits on FMA latency), all while the block's weight rows are in L1.
 template <typename W>
 __attribute__((target("avx2,fma,f16c"), flatten)) inline void narrow_linear_avx2(
     const float* x, int64_t ldx, const W* w, int64_t ldw, const float* bias, float* y, int64_t ldy,
     int64_t M, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t m4 = M - M % kTileRows;
   int64_t n = n0;
+  for (; n + 2 * kTileCols <= n1; n += 2 * kTileCols) {
+    const W* wn = w + n * ldw;
+    const float* bn = bias != nullptr ? bias + n : nullptr;
+    const float* bn3 = bias != nullptr ? bias + n + kTileCols : nullptr;
+    for (int64_t m = 0; m < m4; m += kTileRows) {
+      linear_tile<kTileRows, kTileCols>(x + m * ldx, ldx, wn, ldw, bn, K, y + m * ldy + n, ldy);
+      linear_tile<kTileRows, kTileCols>(x + m * ldx, ldx, wn + kTileCols * ldw, ldw, bn3, K,
+                                        y + m * ldy + n + kTileCols, ldy);
+    }
+    for (int64_t m = m4; m < M; ++m)
+      linear_tile<1, 2 * kTileCols>(x + m * ldx, ldx, wn, ldw, bn, K, y + m * ldy + n, ldy);
+  }
   for (; n + kTileCols <= n1; n += kTileCols) {
     const W* wn = w + n * ldw;
     const float* bn = bias != nullptr ? bias + n : nullptr;
-    int64_t m = 0;
-    for (; m + kTileRows <= M; m += kTileRows)
+    for (int64_t m = 0; m < m4; m += kTileRows)
       linear_tile<kTileRows, kTileCols>(x + m * ldx, ldx, wn, ldw, bn, K, y + m * ldy + n, ldy);
-    for (; m < M; ++m)
+    for (int64_t m = m4; m < M; ++m)
       linear_tile<1, kTileCols>(x + m * ldx, ldx, wn, ldw, bn, K, y + m * ldy + n, ldy);
   }
   for (; n < n1; ++n) {
