@@ -15,11 +15,12 @@ theirs once and the caller's threads keep theirs.
 Narrow linears: ``nn.Linear`` computes ``x @ W.T`` with BLAS, which for the few rows of a decode
 step (16 x 896 x 4,864, Qwen2.5-0.5B's MLP at batch 16) streams ~4-8 GB/s of weight on this
 machine's two threads, little faster than on one. ``torch.ops.ivl.narrow_linear``
-(csrc/include/ivl/linear_cpu.h) streams each weight once as dot products of 4 x 3 tiles: 1.3-5.6x
-faster at 1-16 rows on two threads, 1.2-1.7x at 16 rows on one (docs/engine.md). The engine
-routes its models' ``nn.Linear`` layers (route_linears: an instance-level forward, plain
-``F.linear`` unless switched on) and switches them on per thread around its forwards
-(narrow_linears), so the cost is one flag check per linear, not a Python hook per torch op.
+(csrc/include/ivl/linear_cpu.h) streams each weight once as dot products of small tiles: 1.7-6.4x
+faster at 1-16 fp32 rows on two threads, 1.2-1.7x at 16 rows on one, 4-6x torch's bf16 linear
+(docs/engine.md). IVLModel routes its models' ``nn.Linear`` layers (route_linears: an
+instance-level forward, plain ``F.linear`` unless switched on) and ivl's forwards switch them on
+per thread (narrow_linears), so the cost is one flag check per linear, not a Python hook per
+torch op.
 """
 
 from __future__ import annotations
