@@ -3,6 +3,8 @@ and the routing of decode-step linears to the narrow kernel."""
 
 from __future__ import annotations
 
+import copy as copy_module
+import pickle
 import threading
 
 import pytest
@@ -117,6 +119,9 @@ def test_routed_linears_go_narrow_for_few_rows_only_when_switched_on(monkeypatch
         y = plain(torch.randn(2, 24))  # grad enabled and the weight requires it: left to torch
         assert not calls and y.requires_grad
     assert not concurrent._switch.on
+    for copy in (copy_module.deepcopy(plain), pickle.loads(pickle.dumps(plain))):
+        assert copy.forward.args[0] is copy  # still routed, to the copy's own layer
+        torch.testing.assert_close(copy(x), plain(x))
     seen = []  # the switch is per thread: a thread that did not switch it on stays plain
     with narrow_linears():
         t = threading.Thread(target=lambda: seen.append(concurrent._switch.__dict__.get("on")))

@@ -26,8 +26,8 @@ torch op.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-import types
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -123,7 +123,8 @@ def route_linears(model: torch.nn.Module) -> None:
     whose forward was already replaced on the instance, and subclasses, are left alone."""
     for module in model.modules():
         if type(module) is torch.nn.Linear and "forward" not in vars(module):
-            module.forward = types.MethodType(_narrow_forward, module)
+            # a partial, not a bound method: the model still pickles and deep-copies
+            module.forward = functools.partial(_narrow_forward, module)
 
 
 @contextlib.contextmanager
