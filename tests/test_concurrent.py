@@ -77,7 +77,6 @@ def test_for_cpu_splits_the_threads():
 def test_routed_linears_go_narrow_for_few_rows_only_when_switched_on(monkeypatch):
     from ivl.engine import concurrent
     from ivl.engine.concurrent import NARROW_ROWS, narrow_linears, route_linears
-    from ivl.ops import _native
 
     torch.manual_seed(0)
     plain = torch.nn.Linear(24, 40)
@@ -104,7 +103,7 @@ def test_routed_linears_go_narrow_for_few_rows_only_when_switched_on(monkeypatch
                 double = plain.double()(x.double())  # other dtypes: left to torch
                 plain.float()
         rows = x.numel() // 24
-        n_half = int(_native.AVAILABLE)
+        n_half = int(torch.float16 in concurrent._NARROW_DTYPES)
         assert calls == ([(rows, 24)] * (1 + n_half) if rows <= NARROW_ROWS else [])
         assert torch.equal(off, want)
         assert got.shape == want.shape and got.is_contiguous()

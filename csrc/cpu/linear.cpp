@@ -40,9 +40,14 @@ at::Tensor narrow_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
                 ": bias must be ", dtype, " [", N, "], got ", bias->scalar_type(), " ",
                 bias->sizes());
   }
-  if (!cpu::cpu_has_avx2_fma()) {  // same product, BLAS with the weight as the left operand
-    at::Tensor y = at::mm(weight, x.t()).t();
-    return (has_bias ? y + *bias : y).contiguous();
+  if (!cpu::cpu_has_avx2_fma()) {
+    // Same contract with BLAS (weight as the left operand): fp32 products, rounded once. 16-bit
+    // weights are widened per call here, so callers route 16-bit models only where the kernel
+    // runs (ivl/engine/concurrent.py).
+    const at::Tensor w32 = weight.to(at::kFloat), x32 = x.to(at::kFloat);
+    at::Tensor y = at::mm(w32, x32.t()).t();
+    if (has_bias) y = y + bias->to(at::kFloat);
+    return y.contiguous().to(dtype);
   }
   // fp32 activations with unit stride along K (any row stride: a view of a wider buffer is
   // used in place); 16-bit ones are widened here, once (M x K values, small next to W).
@@ -73,9 +78,9 @@ at::Tensor narrow_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
     return y;
   }
   if (dtype == at::kBFloat16) {
-    run(static_cast<const cpu::bf16_bits*>(wp));
+    run(static_cast<const bf16*>(wp));
   } else {
-    run(static_cast<const cpu::fp16_bits*>(wp));
+    run(static_cast<const fp16*>(wp));
   }
   return y.to(dtype);  // rounded once, to nearest even
 }

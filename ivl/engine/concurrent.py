@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -93,9 +94,16 @@ class ForwardPool:
 NARROW_ROWS = 64
 
 # Weight dtypes the narrow path takes: ivl's kernel widens 16-bit weights in registers (torch's
-# CPU bf16 linear is ~2.7x slower than its fp32 one here); without it, fp32 only.
+# CPU bf16 linear is ~2.7x slower than its fp32 one here); where it cannot run (no native build,
+# no AVX2 -- the same check as csrc/include/ivl/linear_cpu.h -- or IVL_CPU_SIMD=0) the op's BLAS
+# fallback would widen a 16-bit weight per call, so only fp32 is routed.
+_NARROW_KERNEL = (
+    _native.AVAILABLE
+    and os.environ.get("IVL_CPU_SIMD") != "0"
+    and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+)
 _NARROW_DTYPES = (
-    (torch.float32, torch.bfloat16, torch.float16) if _native.AVAILABLE else (torch.float32,)
+    (torch.float32, torch.bfloat16, torch.float16) if _NARROW_KERNEL else (torch.float32,)
 )
 
 _switch = threading.local()  # .on: this thread's forwards route their linears (narrow_linears)

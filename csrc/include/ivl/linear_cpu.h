@@ -20,45 +20,26 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define IVL_LINEAR_X86 1
-#include <immintrin.h>
-#else
-#define IVL_LINEAR_X86 0
-#endif
+#include "ivl/common.h"
+#include "ivl/cpu_dispatch.h"
 
 namespace ivl {
 namespace cpu {
 
-// 16-bit weight storage (the bits of a bfloat16 / IEEE half), converted to fp32 on load.
-struct bf16_bits {
-  uint16_t bits;
-};
-struct fp16_bits {
-  uint16_t bits;
-};
-
 // Whether narrow_linear_avx2 may run: the CPU has AVX2, FMA and F16C, and IVL_CPU_SIMD is not
 // "0".
 inline bool cpu_has_avx2_fma() {
-#if IVL_LINEAR_X86
-  static const bool ok = [] {
-    const char* env = std::getenv("IVL_CPU_SIMD");
-    if (env != nullptr && env[0] == '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0 &&
-           __builtin_cpu_supports("f16c") != 0;
-  }();
+#if IVL_X86_DISPATCH
+  static const bool ok = cpu_simd_allowed() && __builtin_cpu_supports("avx2") != 0 &&
+                         __builtin_cpu_supports("fma") != 0 && __builtin_cpu_supports("f16c") != 0;
   return ok;
 #else
   return false;
 #endif
 }
 
-#if IVL_LINEAR_X86
+#if IVL_X86_DISPATCH
 
 #define IVL_LINEAR_TARGET __attribute__((target("avx2,fma,f16c"), always_inline))
 
@@ -69,23 +50,16 @@ IVL_LINEAR_TARGET inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// 8 weights as fp32 (exact for every storage type), and one for the K tail.
+// 8 weights as fp32 (exact for every storage type; the K tail widens one at a time with the
+// storage types' own conversions, common.h).
 IVL_LINEAR_TARGET inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-IVL_LINEAR_TARGET inline __m256 load8(const bf16_bits* p) {
+IVL_LINEAR_TARGET inline __m256 load8(const bf16* p) {
   const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
-IVL_LINEAR_TARGET inline __m256 load8(const fp16_bits* p) {
+IVL_LINEAR_TARGET inline __m256 load8(const fp16* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-IVL_LINEAR_TARGET inline float load1(const float* p) { return *p; }
-IVL_LINEAR_TARGET inline float load1(const bf16_bits* p) {
-  const uint32_t u = static_cast<uint32_t>(p->bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-IVL_LINEAR_TARGET inline float load1(const fp16_bits* p) { return _cvtsh_ss(p->bits); }
 
 // y[i * ldy + j] = bias[j] + sum_k x[i * ldx + k] * w[j * ldw + k] for i < MR, j < NR.
 template <int MR, int NR, typename W>
@@ -106,7 +80,7 @@ IVL_LINEAR_TARGET inline void linear_tile(const float* x, int64_t ldx, const W* 
   for (int i = 0; i < MR; ++i) {
     for (int j = 0; j < NR; ++j) {
       float s = hsum8(acc[i][j]);
-      for (int64_t t = k; t < K; ++t) s += x[i * ldx + t] * load1(w + j * ldw + t);
+      for (int64_t t = k; t < K; ++t) s += x[i * ldx + t] * static_cast<float>(w[j * ldw + t]);
       y[i * ldy + j] = bias != nullptr ? s + bias[j] : s;
     }
   }
@@ -155,7 +129,7 @@ __attribute__((target("avx2,fma,f16c"), flatten)) inline void narrow_linear_avx2
 
 #undef IVL_LINEAR_TARGET
 
-#endif  // IVL_LINEAR_X86
+#endif  // IVL_X86_DISPATCH
 
 }  // namespace cpu
 }  // namespace ivl

@@ -27,16 +27,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "ivl/cpu_dispatch.h"
 #include "ivl/merge.h"
 #include "ivl/philox.h"
 #include "ivl/sample.h"
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define IVL_X86_DISPATCH 1
-#include <immintrin.h>
-#else
-#define IVL_X86_DISPATCH 0
-#endif
 
 namespace ivl {
 namespace cpu {
@@ -49,12 +43,7 @@ constexpr int64_t kBlock = 64;    // tokens per race block: 16 Philox calls
 // Whether the AVX2 builds may run: the CPU has AVX2 and IVL_CPU_SIMD is not "0".
 inline bool cpu_has_avx2() {
 #if IVL_X86_DISPATCH
-  static const bool ok = [] {
-    const char* env = std::getenv("IVL_CPU_SIMD");
-    if (env != nullptr && env[0] == '0') return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") != 0;
-  }();
+  static const bool ok = cpu_simd_allowed() && __builtin_cpu_supports("avx2") != 0;
   return ok;
 #else
   return false;
