@@ -56,6 +56,61 @@ def read_bandwidth(nbytes: int = 256 << 20, device: str = "cpu") -> float:
     return nbytes / p50(x.sum, reps=10, device=device) / 1e9
 
 
+def copy_bandwidth(nbytes: int = 1 << 30, device: str = "cuda") -> float:
+    """Measured device-to-device copy bandwidth in GB/s, counting bytes read plus written."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    return 2 * nbytes / p50(lambda: y.copy_(x), reps=10, device=device) / 1e9
+
+
+def device_time(
+    call: Callable[[int], object], n_sets: int, *, graph: bool, reps: int = 7
+) -> tuple[float, str]:
+    """Seconds per call of ``call(i)`` on the GPU, and how they were measured.
+
+    One measurement is ``n_sets`` calls, each on its own input set (callers rotate sets so the
+    inputs do not sit in L2 between calls), timed with CUDA events; the median over ``reps``.
+    With ``graph`` the calls are captured in a CUDA graph and replayed, so launch gaps and
+    Python overhead stay out and the time is the kernels' own; otherwise (calls with host syncs,
+    which a capture refuses), or if the capture fails, they run back to back, launches included.
+    """
+    call(0)
+    torch.cuda.synchronize()
+    run, how = (lambda: [call(i) for i in range(n_sets)]), "back to back"
+    if graph:
+        run, how = _captured(call, n_sets, fallback=(run, how))
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / n_sets)
+    return statistics.median(times), how
+
+
+def _captured(call: Callable[[int], object], n_sets: int, fallback: tuple) -> tuple:
+    """(replay, "cuda graph") for the n_sets calls, or ``fallback`` if they cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # capture wants its warm-up off the default stream
+            for i in range(n_sets):
+                call(i)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(n_sets):
+                call(i)
+        return graph.replay, "cuda graph"
+    except Exception as exc:
+        torch.cuda.synchronize()
+        return fallback[0], f"{fallback[1]} (capture failed: {type(exc).__name__})"
+
+
 _CODE_PATHS = ("ivl", "csrc", "benchmarks/*.py")
 
 

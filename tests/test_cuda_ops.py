@@ -148,3 +148,14 @@ def test_cuda_request_independent_of_batch_neighbours():
     alone, _ = _native_merge_sample(base[4:5].cuda(), value[4:5].cuda(), **_to_cuda(one_kw),
                                     **_to_cuda(one_p))  # fmt: skip
     assert alone.item() == full[4].item()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("setting", [0, 2, 4])
+def test_cuda_distribution_one_million_draws(setting):
+    """Issue 3's distribution check on the CUDA kernel: 1e6 draws of one row (plain
+    temperature, top-p, and top-k + top-p + min-p) match the filtered reference distribution."""
+    from test_merge_sample import DIST_SETTINGS, check_distribution
+
+    check_distribution(DIST_SETTINGS[setting], "cuda")

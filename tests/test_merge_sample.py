@@ -373,25 +373,30 @@ def draw_counts(row: torch.Tensor, n: int, **kw) -> torch.Tensor:
 
     Calls the op directly with stride-0 parameter rows: validating a million per-row parameters
     in Python is not the point here (the other tests go through the public wrapper)."""
-    v = row.shape[-1]
+    v, dev = row.shape[-1], row.device
     full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | kw
-    p = {k: torch.tensor(x).expand(n) for k, x in full.items()}  # validated by the test's author
+    p = {k: torch.tensor(x, device=dev).expand(n) for k, x in full.items()}  # validated by hand
     tokens, _ = _native.merge_sample(
-        row.reshape(1, v).expand(n, v), None, torch.ones(1).expand(n), None, None, 0.0, v,
-        p["temperature"], p["top_k"], p["top_p"], p["min_p"],
-        torch.tensor(12345).expand(n), torch.arange(n), False,
+        row.reshape(1, v).expand(n, v), None, torch.ones(1, device=dev).expand(n), None, None,
+        0.0, v, p["temperature"], p["top_k"], p["top_p"], p["min_p"],
+        torch.tensor(12345, device=dev).expand(n), torch.arange(n, device=dev), False,
     )  # fmt: skip
     assert (tokens >= 0).all()
-    return torch.bincount(tokens, minlength=v).double()
+    return torch.bincount(tokens.cpu(), minlength=v).double()
 
 
 @pytest.mark.parametrize(
     "setting", DIST_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items())
 )
 def test_distribution_one_million_draws(setting):
+    check_distribution(setting, "cpu")
+
+
+def check_distribution(setting: dict, device: str) -> None:
+    """1e6 draws of one row on ``device`` against the filtered reference distribution."""
     gen = torch.Generator().manual_seed(0)
     row = logits(1, 128, torch.float32, gen, "peaked")[0] / 2  # a few strong, many weak tokens
-    counts = draw_counts(row, 1_000_000, **setting)
+    counts = draw_counts(row.to(device), 1_000_000, **setting)
     full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, step=0) | setting
     p = sampling_rows(1, row.device, **full)
     scaled = row[None] / p["temperature"][:, None]
