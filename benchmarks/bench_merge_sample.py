@@ -339,6 +339,19 @@ def bench_config(
     return measure(providers, nbytes, bw, config, cache)
 
 
+def op_args(base, value, kw: dict, params: dict, seed, step) -> tuple[tuple, list]:
+    """The registered ops' arguments after base and value: (alpha, index, weight, fill, limit)
+    and the six per-row sampling tensors, validated once (as an engine holds them)."""
+    from ivl.ops import _native_merge_args
+    from ivl.ops._params import sampling_rows
+
+    margs = _native_merge_args(base, value, kw["alpha"], kw.get("vocab_map"), kw.get("fill", 0.0),
+                               None)[2:]  # fmt: skip
+    full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | params
+    p = sampling_rows(base.shape[0], base.device, seed=seed, step=step, **full)
+    return margs, [p[k] for k in ("temperature", "top_k", "top_p", "min_p", "seed", "step")]
+
+
 def bench_config_gpu(b, v, dtype, data, mode, bws, base, value, kw, seed, step):
     """Every provider on CUDA tensors, timed two ways.
 
@@ -349,9 +362,6 @@ def bench_config_gpu(b, v, dtype, data, mode, bws, base, value, kw, seed, step):
     an engine holds them across steps) and replayed from a CUDA graph; the torch samplers back
     to back (they sync with the host). Bandwidth and speed-ups come from device_ms.
     """
-    from ivl.ops import _native_merge_args
-    from ivl.ops._params import sampling_rows
-
     params = MODES[mode]
     kw = {k: (tuple(t.cuda() for t in x) if isinstance(x, tuple) else x) for k, x in kw.items()}
     base, value, seed, step = base.cuda(), value.cuda(), seed.cuda(), step.cuda()
@@ -359,11 +369,7 @@ def bench_config_gpu(b, v, dtype, data, mode, bws, base, value, kw, seed, step):
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     n_sets = max(2, min(64, math.ceil(4 * l2 / nbytes)))
     sets = [(base, value)] + [(base.clone(), value.clone()) for _ in range(n_sets - 1)]
-    margs = _native_merge_args(base, value, kw["alpha"], kw.get("vocab_map"), kw.get("fill", 0.0),
-                               None)[2:]  # fmt: skip
-    full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | params
-    p = sampling_rows(b, base.device, seed=seed, step=step, **full)
-    pargs = [p[k] for k in ("temperature", "top_k", "top_p", "min_p", "seed", "step")]
+    margs, pargs = op_args(base, value, kw, params, seed, step)
 
     def torch_provider(fn):
         entry = lambda: fn(base, value, seed=seed, step=step, **kw, **params)  # noqa: E731

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The prepared GPU check (one run on a lent CUDA machine, about 6 minutes, 8 at most):
+# The prepared GPU check (one run on a lent CUDA machine, about 5 minutes, 8 at most):
 #   1. build ivl._C with its CUDA kernels against the machine's torch, for its GPU's arch,
 #   2. run the GPU suite (`pytest -m gpu`: the CUDA merge_sample / merged_log_softmax /
 #      merge_logits kernels and the Triton kernels against the reference and the CPU kernels,
 #      1e6-draw distribution checks, torch.compile of the Triton ops),
-#   3. run the kernel benchmarks with the GPU providers (--gpu),
+#   3. break the CUDA merge_sample down by kernel (torch.profiler; Nsight Compute if present),
+#   4. run the kernel benchmarks with the GPU providers (--gpu),
 # and leave the log, the test report and the CSV files under $OUT (default: out/gpu).
 # Device tool usage:  run(command="bash benchmarks/gpu_check.sh", timeout_s=540)
 set -uo pipefail
@@ -37,9 +38,20 @@ $PY -c "import xdist" 2>/dev/null && xdist="-n 4"  # the CPU references run in p
 timeout 120 $PY -m pytest -m gpu -q -p no:cacheprovider $xdist --junitxml="$OUT/gpu_tests.xml" \
   tests/test_cuda_ops.py tests/test_native.py tests/test_triton.py 2>&1 | tee -a "$log" || status=1
 
+step "where the CUDA merge_sample spends its time (per kernel; Nsight Compute where it runs)"
+timeout 60 $PY -m benchmarks.profile_merge_sample_cuda 2>&1 | tee -a "$log" || status=1
+if command -v ncu >/dev/null; then
+  timeout 90 ncu --clock-control none -k 'regex:span_kernel|finish_kernel|race_kernel' -c 4 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    $PY -m benchmarks.profile_merge_sample_cuda --once >"$OUT/ncu.txt" 2>&1
+  echo "ncu exit $? (report in ncu.txt)" | tee -a "$log"
+fi
+
 step "kernel benchmarks"
 timeout 30 $PY -m benchmarks.bench_merge_logits --gpu 2>&1 | tee -a "$log" || status=1
 timeout 150 $PY -m benchmarks.bench_merge_sample --gpu 2>&1 | tee -a "$log" || status=1
-cp benchmarks/results/merge_sample.csv benchmarks/results/merge_logits.csv "$OUT"/ 2>/dev/null
+for f in merge_sample merge_logits merge_sample_kernels; do
+  cp "benchmarks/results/$f.csv" "$OUT"/ 2>/dev/null
+done
 step "done (status $status)"
 exit $status

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_merge_sample import LP_TOL, logits, make_map, row_params
 
 from ivl.ops import _native
 from ivl.ops import reference as R
@@ -77,7 +78,6 @@ needs_cuda = pytest.mark.skipif(_cuda_reason() is not None, reason=_cuda_reason(
 
 
 def _case(b: int, vb: int, kind: str, dtype: torch.dtype, seed: int):
-    from test_merge_sample import logits, make_map, row_params
 
     gen = torch.Generator().manual_seed(seed)
     vv, vmap, fill = make_map(kind, vb, gen)
@@ -108,7 +108,7 @@ def test_cuda_merge_sample_matches_reference(b, vb, kind, dtype):
     from ivl.ops import _native_merge_sample
 
     base, value, merge_kw, params = _case(b, vb, kind, dtype, seed=b + vb)
-    ref_tokens, ref_lp = R.merge_sample(base, value, **merge_kw, **params)
+    ref_tokens, _ = R.merge_sample(base, value, **merge_kw, **params)
     tokens, lp = _native_merge_sample(base.cuda(), value.cuda(), **_to_cuda(merge_kw),
                                       **_to_cuda(params))  # fmt: skip
     tokens, lp = tokens.cpu(), lp.cpu()
@@ -117,9 +117,13 @@ def test_cuda_merge_sample_matches_reference(b, vb, kind, dtype):
     # cumulative mass and that boundary token is drawn. Allow one such row per case.
     bad = (tokens != ref_tokens).nonzero().flatten().tolist()
     assert len(bad) <= 1, f"{len(bad)} of {b} tokens differ, rows {bad[:8]}"
-    ok = (tokens >= 0) & (tokens == ref_tokens)
-    torch.testing.assert_close(lp[ok], ref_lp[ok], atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens < 0, ref_tokens < 0)
+    # Logprobs against the float64 truth, as the CPU kernel's: the kernel sums exp in float64,
+    # while the fp32 reference's own error reaches ~2e-5 at V = 151,936 (seen on an H200).
+    ok = tokens >= 0
+    z = R.merge_logits(base, value, **merge_kw).double()
+    truth = torch.log_softmax(z[ok], -1).gather(1, tokens[ok, None])[:, 0]
+    torch.testing.assert_close(lp[ok].double(), truth, atol=LP_TOL, rtol=LP_TOL)
 
 
 @pytest.mark.gpu

@@ -15,6 +15,8 @@ bit-identical fp32 and only the fp32 exp / log / summation order differ).
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -480,30 +482,62 @@ print("compiled")
 """
 
 
+_INDUCTOR_SCRIPT = r"""
+import importlib.util, os, tempfile
+from torch._inductor.codegen.wrapper import (
+    user_defined_triton_kernel_transitive_closure_source_code as closure,
+)
+from ivl.ops import triton as T
+
+assert not T._INTERPRET
+HEADER = "import triton\nimport triton.language as tl\n"
+for kernel in (T._merge_kernel, T._log_softmax_kernel, T._sample_kernel, T._noise_kernel):
+    src = closure(kernel)
+    path = os.path.join(tempfile.mkdtemp(), kernel.__name__ + ".py")
+    with open(path, "w") as f:
+        f.write(HEADER + ("" if src.lstrip().startswith("@") else "@triton.jit\n") + src)
+    spec = importlib.util.spec_from_file_location(kernel.__name__, path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print("pasted")
+"""
+
+
+def _run_compiled(script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh process with compiled (not interpreted) Triton kernels."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the 3.9 default, stated: the asm must win over it
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def _needs_nvidia_triton() -> None:
+    triton = pytest.importorskip("triton")
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton build has no NVIDIA backend")
+
+
 @pytest.mark.skipif(not tri._INTERPRET, reason="on a GPU the other tests compile the kernels")
 def test_kernels_compile_for_sm90_without_a_gpu() -> None:
     """The compiled path, which the interpreter never runs: every kernel lowers to PTX and a
     cubin for sm_90 (H100 / H200) with Triton's bundled LLVM and ptxas, in a fresh process
     without TRITON_INTERPRET; the merge keeps its rounded products (no FMA)."""
-    import subprocess
-    import sys
-
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton build has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the 3.9 default, stated: the asm must win over it
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    _needs_nvidia_triton()
+    run = _run_compiled(_COMPILE_SCRIPT)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-4000:]
+
+
+@pytest.mark.skipif(not tri._INTERPRET, reason="on a GPU test_gpu_torch_compile runs Inductor")
+def test_kernels_survive_inductors_source_paste() -> None:
+    """torch.compile (Inductor) pastes the source of a user kernel and of every jit function it
+    names into a generated module. Names the pasted code needs must resolve there: aliases of
+    Triton's own tl.max / tl.sum did not (NameError 'core', seen on an H200)."""
+    _needs_nvidia_triton()
+    run = _run_compiled(_INDUCTOR_SCRIPT)
+    assert run.returncode == 0 and "pasted" in run.stdout, run.stderr[-4000:]
 
 
 # ---------------------------------------------------------------------------------------------

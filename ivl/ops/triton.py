@@ -153,7 +153,20 @@ if _INTERPRET:
         return tl.reduce(x, axis, tl.standard._elementwise_min)
 
 elif triton is not None:
-    _rsum, _rmax, _rmin = tl.sum, tl.max, tl.min
+    # Wrappers, not aliases of tl.sum / max / min: torch.compile (Inductor) pastes the source of
+    # every jit function a kernel names into its generated module, and Triton's own reductions
+    # use names of their module (`core`) that the pasted copy lacks; calls through `tl` it keeps.
+    @triton.jit
+    def _rsum(x, axis=None):
+        return tl.sum(x, axis)
+
+    @triton.jit
+    def _rmax(x, axis=None):
+        return tl.max(x, axis)
+
+    @triton.jit
+    def _rmin(x, axis=None):
+        return tl.min(x, axis)
 
 
 @_jit_helper

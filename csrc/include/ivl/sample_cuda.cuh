@@ -147,11 +147,13 @@ __global__ void __launch_bounds__(kThreads)
         st.has_finite |= (z - z) == 0.0f;
         if (z > st.zmax) st.zmax = z, st.argmax = v;  // ids rise within a thread: lowest wins
         if (want_lse && z > -INFINITY) {
-          if (z > lref) {
+          if (z > lref) {  // rare (a new maximum): the float64 rescale costs nothing overall
             lsum = (lref > -INFINITY ? lsum * exp(static_cast<double>(lref) - z) : 0.0);
             lref = z;
           }
-          lsum += exp(static_cast<double>(z) - lref);
+          // Terms in fp32 (exp_nonpos, as the CPU kernel), summed in float64: a float64 exp
+          // per id made this loop bound by the GPU's float64 units.
+          lsum += static_cast<double>(exp_nonpos(z - lref));
         }
         if (race) {
           const float key = add_rn(p.scale(z), gumbel_from_uniform(bits_to_uniform(bits.v[j])));
@@ -167,11 +169,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The spans' stats of row r merged in index order (thread 0 only).
-__device__ inline RowStats merged_stats(const RowStats* parts, int64_t r, int64_t spans) {
-  RowStats st = parts[r * spans];
-  for (int64_t k = 1; k < spans; ++k) st.merge(parts[r * spans + k]);
-  return st;
+// Block-wide: the n partials part[0, n) of one row merged in index order into *out (shared).
+// The block loads them in parallel into `buf` (shared, blockDim.x entries) and thread 0 merges
+// from there: one global-load latency per blockDim.x partials instead of one per partial.
+template <typename T>
+__device__ inline void block_merge_in_order(const T* part, int64_t n, T* buf, T* out) {
+  for (int64_t k0 = 0; k0 < n; k0 += blockDim.x) {
+    const int64_t m = n - k0 < blockDim.x ? n - k0 : blockDim.x;
+    if (threadIdx.x < m) buf[threadIdx.x] = part[k0 + threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t k = 0;
+      if (k0 == 0) *out = buf[0], k = 1;
+      for (; k < m; ++k) out->merge(buf[k]);
+    }
+    __syncthreads();
+  }
 }
 
 // Block-wide: the k-th largest of z[0, n) with multiplicity (1 <= k <= n), by an exact radix
@@ -274,6 +287,7 @@ __global__ void __launch_bounds__(kThreads)
                   RowStats* __restrict__ stats, float* __restrict__ tau_out,
                   int64_t* __restrict__ tokens, float* __restrict__ logprobs) {
   IVL_SHARED_ARRAY(RowStats, st_p, 1);
+  IVL_SHARED_ARRAY(RowStats, buf, kThreads);
   RowStats& st_s = *st_p;
   __shared__ unsigned hist[256];
   __shared__ double mass[256];
@@ -281,8 +295,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ uint32_t sel[2];
   __shared__ double above_s[1];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    if (threadIdx.x == 0) st_s = merged_stats(parts, r, spans);
-    __syncthreads();
+    block_merge_in_order(parts + r * spans, spans, buf, &st_s);
     const RowStats st = st_s;
     const SampleRow p = pp.row(r);
     const bool filtered = st.valid() && !p.greedy() && p.filtered(V);
@@ -362,18 +375,22 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Phase 4, one thread per row: the filtered rows' span winners merged in index order.
-__global__ void race_finish_kernel(int64_t rows, int64_t spans, bool want_lp,
-                                   const float* __restrict__ tau_in,
-                                   const RowStats* __restrict__ stats,
-                                   const RaceBest* __restrict__ race_parts,
-                                   int64_t* __restrict__ tokens, float* __restrict__ logprobs) {
-  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (r >= rows || tau_in[r] != tau_in[r]) return;
-  RaceBest best = race_parts[r * spans];
-  for (int64_t k = 1; k < spans; ++k) best.merge(race_parts[r * spans + k]);
-  tokens[r] = best.index;
-  logprobs[r] = want_lp ? stats[r].logprob(best.z) : NAN;
+// Phase 4, one block per row: the filtered rows' span winners merged in index order.
+__global__ void __launch_bounds__(kThreads)
+    race_finish_kernel(int64_t rows, int64_t spans, bool want_lp, const float* __restrict__ tau_in,
+                       const RowStats* __restrict__ stats, const RaceBest* __restrict__ race_parts,
+                       int64_t* __restrict__ tokens, float* __restrict__ logprobs) {
+  IVL_SHARED_ARRAY(RaceBest, best, 1);
+  IVL_SHARED_ARRAY(RaceBest, buf, kThreads);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    if (tau_in[r] != tau_in[r]) continue;  // not a filtered row (uniform across the block)
+    block_merge_in_order(race_parts + r * spans, spans, buf, best);
+    if (threadIdx.x == 0) {
+      tokens[r] = best->index;
+      logprobs[r] = want_lp ? stats[r].logprob(best->z) : NAN;
+    }
+    __syncthreads();
+  }
 }
 
 // merged_log_softmax after span_kernel (store_all, want_lse): out = (z - max) - log(sum) in fp32
@@ -382,13 +399,13 @@ __global__ void __launch_bounds__(kThreads)
     normalise_kernel(int64_t rows, int64_t V, const RowStats* __restrict__ parts,
                      float* __restrict__ out) {
   IVL_SHARED_ARRAY(RowStats, st_p, 1);
+  IVL_SHARED_ARRAY(RowStats, buf, kThreads);
   RowStats& st_s = *st_p;
   const int64_t spans = gridDim.x;
   const int64_t begin = int64_t(blockIdx.x) * kSpan;
   const int64_t end = begin + kSpan < V ? begin + kSpan : V;
   for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    if (threadIdx.x == 0) st_s = merged_stats(parts, r, spans);
-    __syncthreads();
+    block_merge_in_order(parts + r * spans, spans, buf, &st_s);
     const bool valid = st_s.valid();
     const float m = st_s.zmax, l = static_cast<float>(log(st_s.lse_sum));
     float* row = out + r * V;
@@ -428,8 +445,8 @@ cudaError_t launch_merge_sample(const Rows<TB, TV>& x, const Params& pp, bool wa
   finish_kernel<<<row_blocks, kThreads, 0, stream>>>(pp, B, V, spans, want_lp, s.parts, s.rows,
                                                      s.stats, s.tau, tokens, logprobs);
   race_kernel<<<grid, kThreads, 0, stream>>>(pp, B, V, s.rows, s.tau, s.race_parts);
-  race_finish_kernel<<<static_cast<unsigned>((B + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      B, spans, want_lp, s.tau, s.stats, s.race_parts, tokens, logprobs);
+  race_finish_kernel<<<row_blocks, kThreads, 0, stream>>>(B, spans, want_lp, s.tau, s.stats,
+                                                          s.race_parts, tokens, logprobs);
   return cudaGetLastError();
 }
 
