@@ -115,7 +115,10 @@ _CODE_PATHS = ("ivl", "csrc", "benchmarks/*.py")
 
 
 def provenance() -> dict[str, str]:
-    """Machine, versions and date stamped on every CSV row."""
+    """Machine, versions and date stamped on every CSV row.
+
+    IVL_COMMIT overrides the commit: a copy of the tree run elsewhere (the GPU machine) may carry
+    a stale .git, so the caller states the commit it sent."""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
@@ -131,6 +134,7 @@ def provenance() -> dict[str, str]:
             commit += "+dirty"
     except OSError:
         commit = ""
+    commit = os.environ.get("IVL_COMMIT", commit)
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
