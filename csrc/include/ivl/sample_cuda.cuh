@@ -7,7 +7,8 @@
 // A row is cut into spans of kSpan ids (fixed by V, so results never depend on the launch):
 //   span_kernel        grid (spans, rows): merge + stats per span (max / argmax, validity,
 //                      log-sum-exp), and, for sampled rows without filters, the whole Gumbel race
-//                      (every token's exact key: random numbers are cheap on a GPU, no screen);
+//                      (exact keys, two float64 logs each, only for tokens that pass the CPU's
+//                      screen against the best key the warp has seen);
 //                      rows with filters store their merged logits in a scratch row.
 //   finish_kernel      one block per row: the spans' stats merged in order; greedy / unfiltered
 //                      rows get their token; filtered rows get their threshold tau on s = z / T by
@@ -23,6 +24,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cstdint>
 
 #include "ivl/common.h"
@@ -36,6 +38,7 @@ namespace cuda {
 constexpr int kThreads = 256;          // threads per block of every kernel here
 constexpr int64_t kSpan = 8192;        // ids per span (a multiple of 4: whole Philox groups)
 constexpr unsigned kMaxGridY = 65535;  // rows beyond this are covered by a grid-stride loop
+constexpr unsigned kFullWarp = 0xFFFFFFFFu;
 
 inline int64_t num_spans(int64_t cols) { return cols > 0 ? (cols + kSpan - 1) / kSpan : 1; }
 
@@ -133,9 +136,21 @@ __global__ void __launch_bounds__(kThreads)
     RowStats st;
     float lref = -INFINITY;  // this thread's log-sum-exp: sum of exp(z - lref)
     double lsum = 0.0;
-    for (int64_t v0 = begin + 4 * int64_t(threadIdx.x); v0 < end; v0 += 4 * int64_t(blockDim.x)) {
+    // Warp-uniform trip count (lanes past `end` idle), so the warp can share its race leader.
+    const int64_t lane = threadIdx.x & 31u;
+    for (int64_t w0 = begin + 4 * (int64_t(threadIdx.x) - lane); w0 < end;
+         w0 += 4 * int64_t(blockDim.x)) {
+      const int64_t v0 = w0 + 4 * lane;
       Philox4x32 bits{};
-      if (race) bits = philox_group(p.seed, p.step, v0 >> 2);  // one call, 4 ids
+      float bound = -INFINITY;  // a key some token of this warp already reached
+      if (race) {
+        bits = philox_group(p.seed, p.step, v0 >> 2);  // one call, 4 ids
+        bound = st.race.key;
+        for (int off = 16; off > 0; off /= 2) {
+          const float o = __shfl_xor_sync(kFullWarp, bound, off);
+          bound = o > bound ? o : bound;
+        }
+      }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int64_t v = v0 + j;
@@ -156,8 +171,15 @@ __global__ void __launch_bounds__(kThreads)
           lsum += static_cast<double>(exp_nonpos(z - lref));
         }
         if (race) {
-          const float key = add_rn(p.scale(z), gumbel_from_uniform(bits_to_uniform(bits.v[j])));
-          st.race.offer(key, v, z);
+          // The exact key costs two float64 logs; the screen of sample.h (the CPU's) skips
+          // the tokens that cannot reach `bound`, so they could never win or tie.
+          const float sc = p.scale(z), w = bits_to_uniform(bits.v[j]);
+          float b = st.race.key > bound ? st.race.key : bound;
+          b = b < FLT_MAX ? b : FLT_MAX;  // finite limits if a key overflowed (as on the CPU)
+          if (!(b > -INFINITY) || sc >= b ||
+              uniform_log2_floor(w) <= screen_limit(sc, b, screen_margin(b))) {
+            st.race.offer(add_rn(sc, gumbel_from_uniform(w)), v, z);
+          }
         }
       }
     }
@@ -187,6 +209,42 @@ __device__ inline void block_merge_in_order(const T* part, int64_t n, T* buf, T*
   }
 }
 
+// The radix passes below loop over a row with warp-uniform trip counts (every lane of a warp runs
+// every iteration, `in` marks the lanes with an element) so that warp collectives are legal, and
+// update their shared histograms once per distinct bin per warp: one radix digit covers most of a
+// row in the first passes, and same-address shared atomics from many lanes serialise (float64
+// ones are compare-and-swap loops).
+// hist[bin] += the number of lanes of this warp taking the same bin (lanes with take only).
+__device__ inline void warp_count(unsigned* hist, uint32_t bin, bool take) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700  // no __match_any_sync before Volta
+  if (take) atomicAdd(&hist[bin], 1u);
+#else
+  const unsigned peers = __match_any_sync(kFullWarp, take ? bin : 0xFFFFFFFFu);
+  if (take && static_cast<int>(threadIdx.x & 31u) == __ffs(peers) - 1) {
+    atomicAdd(&hist[bin], static_cast<unsigned>(__popc(peers)));
+  }
+#endif
+}
+
+// mass[bin] += the float64 sum of e over this warp's lanes taking the same bin, count[bin] += their
+// number; the in-warp sum is a fixed butterfly (no order-dependent atomics inside a warp).
+__device__ inline void warp_mass(double* mass, unsigned* count, uint32_t bin, double e, bool take) {
+  unsigned todo = __ballot_sync(kFullWarp, take);
+  while (todo != 0) {  // warp-uniform: one round per distinct bin
+    const int leader = __ffs(todo) - 1;
+    const uint32_t b = __shfl_sync(kFullWarp, bin, leader);
+    const bool mine = take && bin == b;
+    const unsigned group = __ballot_sync(kFullWarp, mine);
+    double x = mine ? e : 0.0;
+    for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(kFullWarp, x, off);
+    if (static_cast<int>(threadIdx.x & 31u) == leader) {
+      atomicAdd(&mass[b], x);
+      atomicAdd(&count[b], static_cast<unsigned>(__popc(group)));
+    }
+    todo &= ~group;
+  }
+}
+
 // Block-wide: the k-th largest of z[0, n) with multiplicity (1 <= k <= n), by an exact radix
 // select on ordered_bits, 8 bits per pass.
 __device__ inline float block_kth_largest(const float* z, int64_t n, int64_t k,
@@ -197,9 +255,11 @@ __device__ inline float block_kth_largest(const float* z, int64_t n, int64_t k,
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const uint32_t u = ordered_bits(z[i]);
-      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
+    const int64_t lane = threadIdx.x & 31u;
+    for (int64_t i0 = threadIdx.x - lane; i0 < n; i0 += blockDim.x) {  // warp-uniform
+      const bool in = i0 + lane < n;
+      const uint32_t u = in ? ordered_bits(z[i0 + lane]) : 0u;
+      warp_count(hist, (u >> shift) & 255u, in && (u & mask) == prefix);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -218,9 +278,9 @@ __device__ inline float block_kth_largest(const float* z, int64_t n, int64_t k,
 }
 
 // Block-wide top-p threshold over the tokens with s = z / T >= tau: the smallest such s whose
-// strictly-larger mass (float64 softmax weights exp(s - s_max), summed over the set) is below
-// top_p times the set's total; the reference's sorted cumulative walk keeps exactly the tokens
-// at or above it (up to the rounding of the float64 sums).
+// strictly-larger mass (softmax weights exp(s - s_max) in fp32, exp_nonpos as on the CPU, summed
+// in float64 over the set) is below top_p times the set's total; the reference's sorted
+// cumulative walk keeps exactly the tokens at or above it (up to the rounding of the sums).
 __device__ inline float block_top_p(const float* z, int64_t n, float temp, float s_max, float tau,
                                     float top_p, double* dred /* shared [kThreads] */,
                                     double* mass /* shared [256] */, unsigned* count /* [256] */,
@@ -228,7 +288,7 @@ __device__ inline float block_top_p(const float* z, int64_t n, float temp, float
   double t = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const float s = z[i] / temp;
-    if (s >= tau) t += exp(static_cast<double>(s) - s_max);
+    if (s >= tau) t += static_cast<double>(exp_nonpos(s - s_max));
   }
   dred[threadIdx.x] = t;
   for (int half = blockDim.x / 2; half > 0; half /= 2) {
@@ -242,14 +302,14 @@ __device__ inline float block_top_p(const float* z, int64_t n, float temp, float
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int d = threadIdx.x; d < 256; d += blockDim.x) mass[d] = 0.0, count[d] = 0;
     __syncthreads();
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const float s = z[i] / temp;
-      if (!(s >= tau)) continue;
+    const int64_t lane = threadIdx.x & 31u;
+    for (int64_t i0 = threadIdx.x - lane; i0 < n; i0 += blockDim.x) {  // warp-uniform
+      const bool in = i0 + lane < n;
+      const float s = in ? z[i0 + lane] / temp : -INFINITY;
       const uint32_t u = ordered_bits(s);
-      if ((u & mask) != prefix) continue;
-      const uint32_t d = (u >> shift) & 255u;
-      atomicAdd(&mass[d], exp(static_cast<double>(s) - s_max));
-      atomicAdd(&count[d], 1u);
+      const bool take = in && s >= tau && (u & mask) == prefix;
+      const double e = take ? static_cast<double>(exp_nonpos(s - s_max)) : 0.0;
+      warp_mass(mass, count, (u >> shift) & 255u, e, take);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
