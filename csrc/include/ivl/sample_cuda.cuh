@@ -209,42 +209,6 @@ __device__ inline void block_merge_in_order(const T* part, int64_t n, T* buf, T*
   }
 }
 
-// The radix passes below loop over a row with warp-uniform trip counts (every lane of a warp runs
-// every iteration, `in` marks the lanes with an element) so that warp collectives are legal, and
-// update their shared histograms once per distinct bin per warp: one radix digit covers most of a
-// row in the first passes, and same-address shared atomics from many lanes serialise (float64
-// ones are compare-and-swap loops).
-// hist[bin] += the number of lanes of this warp taking the same bin (lanes with take only).
-__device__ inline void warp_count(unsigned* hist, uint32_t bin, bool take) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 700  // no __match_any_sync before Volta
-  if (take) atomicAdd(&hist[bin], 1u);
-#else
-  const unsigned peers = __match_any_sync(kFullWarp, take ? bin : 0xFFFFFFFFu);
-  if (take && static_cast<int>(threadIdx.x & 31u) == __ffs(peers) - 1) {
-    atomicAdd(&hist[bin], static_cast<unsigned>(__popc(peers)));
-  }
-#endif
-}
-
-// mass[bin] += the float64 sum of e over this warp's lanes taking the same bin, count[bin] += their
-// number; the in-warp sum is a fixed butterfly (no order-dependent atomics inside a warp).
-__device__ inline void warp_mass(double* mass, unsigned* count, uint32_t bin, double e, bool take) {
-  unsigned todo = __ballot_sync(kFullWarp, take);
-  while (todo != 0) {  // warp-uniform: one round per distinct bin
-    const int leader = __ffs(todo) - 1;
-    const uint32_t b = __shfl_sync(kFullWarp, bin, leader);
-    const bool mine = take && bin == b;
-    const unsigned group = __ballot_sync(kFullWarp, mine);
-    double x = mine ? e : 0.0;
-    for (int off = 16; off > 0; off /= 2) x += __shfl_xor_sync(kFullWarp, x, off);
-    if (static_cast<int>(threadIdx.x & 31u) == leader) {
-      atomicAdd(&mass[b], x);
-      atomicAdd(&count[b], static_cast<unsigned>(__popc(group)));
-    }
-    todo &= ~group;
-  }
-}
-
 // Block-wide: the k-th largest of z[0, n) with multiplicity (1 <= k <= n), by an exact radix
 // select on ordered_bits, 8 bits per pass.
 __device__ inline float block_kth_largest(const float* z, int64_t n, int64_t k,
@@ -255,11 +219,9 @@ __device__ inline float block_kth_largest(const float* z, int64_t n, int64_t k,
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
     __syncthreads();
-    const int64_t lane = threadIdx.x & 31u;
-    for (int64_t i0 = threadIdx.x - lane; i0 < n; i0 += blockDim.x) {  // warp-uniform
-      const bool in = i0 + lane < n;
-      const uint32_t u = in ? ordered_bits(z[i0 + lane]) : 0u;
-      warp_count(hist, (u >> shift) & 255u, in && (u & mask) == prefix);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const uint32_t u = ordered_bits(z[i]);
+      if ((u & mask) == prefix) atomicAdd(&hist[(u >> shift) & 255u], 1u);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -278,9 +240,9 @@ __device__ inline float block_kth_largest(const float* z, int64_t n, int64_t k,
 }
 
 // Block-wide top-p threshold over the tokens with s = z / T >= tau: the smallest such s whose
-// strictly-larger mass (softmax weights exp(s - s_max) in fp32, exp_nonpos as on the CPU, summed
-// in float64 over the set) is below top_p times the set's total; the reference's sorted
-// cumulative walk keeps exactly the tokens at or above it (up to the rounding of the sums).
+// strictly-larger mass (float64 softmax weights exp(s - s_max), summed over the set) is below
+// top_p times the set's total; the reference's sorted cumulative walk keeps exactly the tokens
+// at or above it (up to the rounding of the float64 sums).
 __device__ inline float block_top_p(const float* z, int64_t n, float temp, float s_max, float tau,
                                     float top_p, double* dred /* shared [kThreads] */,
                                     double* mass /* shared [256] */, unsigned* count /* [256] */,
@@ -288,7 +250,7 @@ __device__ inline float block_top_p(const float* z, int64_t n, float temp, float
   double t = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const float s = z[i] / temp;
-    if (s >= tau) t += static_cast<double>(exp_nonpos(s - s_max));
+    if (s >= tau) t += exp(static_cast<double>(s) - s_max);
   }
   dred[threadIdx.x] = t;
   for (int half = blockDim.x / 2; half > 0; half /= 2) {
@@ -302,14 +264,14 @@ __device__ inline float block_top_p(const float* z, int64_t n, float temp, float
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int d = threadIdx.x; d < 256; d += blockDim.x) mass[d] = 0.0, count[d] = 0;
     __syncthreads();
-    const int64_t lane = threadIdx.x & 31u;
-    for (int64_t i0 = threadIdx.x - lane; i0 < n; i0 += blockDim.x) {  // warp-uniform
-      const bool in = i0 + lane < n;
-      const float s = in ? z[i0 + lane] / temp : -INFINITY;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const float s = z[i] / temp;
+      if (!(s >= tau)) continue;
       const uint32_t u = ordered_bits(s);
-      const bool take = in && s >= tau && (u & mask) == prefix;
-      const double e = take ? static_cast<double>(exp_nonpos(s - s_max)) : 0.0;
-      warp_mass(mass, count, (u >> shift) & 255u, e, take);
+      if ((u & mask) != prefix) continue;
+      const uint32_t d = (u >> shift) & 255u;
+      atomicAdd(&mass[d], exp(static_cast<double>(s) - s_max));
+      atomicAdd(&count[d], 1u);
     }
     __syncthreads();
     if (threadIdx.x == 0) {
