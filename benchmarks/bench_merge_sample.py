@@ -10,9 +10,11 @@ Providers (one run, same inputs):
                     a sort-based top-p, softmax, torch.multinomial, plus the token's logprob
   ivl-cpu           the native kernel through ivl.merge_sample (backend "cpu")
   ivl-cuda / ivl-triton   with --gpu: every provider on CUDA tensors (the reference and the
-                    idiomatic sampler eager on the GPU, no torch-compile), B in {1, 64} at
-                    V = 151,936 and B = 8 at V = 262,144, bf16 and fp32; bandwidth fractions are
-                    of the device's measured read bandwidth
+                    idiomatic sampler eager on the GPU, no torch-compile), B in {64, 1} at
+                    V = 151,936 and B = 8 at V = 262,144, bf16 and fp32. GPU rows add device_ms,
+                    the kernels' own time (bench_config_gpu says how it is taken), from which
+                    bandwidth and speed-ups come, and fractions of both measured ceilings (read;
+                    copy, counting read + write)
 
 Modes: greedy; temperature 0.7; top-p 0.9; top-k 50; top-k 50 + top-p 0.9; temperature 0.7 with
 remap ("temp+remap": a random partial map from the base vocabulary into a value vocabulary of
