@@ -91,7 +91,8 @@ def test_routed_linears_go_narrow_for_few_rows_only_when_switched_on(monkeypatch
     monkeypatch.setattr(
         concurrent, "_narrow_linear", lambda x, *a: calls.append(x.shape) or narrow_linear(x, *a)
     )
-    for shape in ((3, 24), (2, 5, 24), (NARROW_ROWS, 24), (NARROW_ROWS + 1, 24)):
+    limit = NARROW_ROWS[torch.float32]
+    for shape in ((1, 24), (2, 3, 24), (limit, 24), (limit + 1, 24)):
         x = torch.randn(shape)
         want = F.linear(x, plain.weight, plain.bias)
         with torch.no_grad():
@@ -103,8 +104,10 @@ def test_routed_linears_go_narrow_for_few_rows_only_when_switched_on(monkeypatch
                 double = plain.double()(x.double())  # other dtypes: left to torch
                 plain.float()
         rows = x.numel() // 24
-        n_half = int(torch.float16 in concurrent._NARROW_DTYPES)
-        assert calls == ([(rows, 24)] * (1 + n_half) if rows <= NARROW_ROWS else [])
+        want_calls = [(rows, 24)] if rows <= limit else []
+        if rows <= NARROW_ROWS.get(torch.float16, 0):
+            want_calls.append((rows, 24))
+        assert calls == want_calls
         assert torch.equal(off, want)
         assert got.shape == want.shape and got.is_contiguous()
         torch.testing.assert_close(got, want)
@@ -183,3 +186,18 @@ def test_engine_runs_forwards_side_by_side_only_when_they_cost_alike(monkeypatch
     assert not rows
     for engine in (paired, forced):
         engine._pool.close()
+
+
+def test_narrow_row_limits_follow_the_cpu(monkeypatch):
+    """The narrow path takes as many rows as it was measured to win on this kind of CPU."""
+    from ivl.engine import concurrent
+
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    for kernel, capability, want in (
+        (False, "AVX2", {f32: 64}),  # no kernel: fp32 only, through BLAS's weight-left form
+        (True, "AVX2", {f32: 64, bf16: 64, f16: 64}),
+        (True, "AVX512", {f32: 8, f16: 4, bf16: 1}),
+    ):
+        monkeypatch.setattr(concurrent, "_NARROW_KERNEL", kernel)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert concurrent._row_limits() == want

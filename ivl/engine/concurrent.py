@@ -13,11 +13,12 @@ Intra-op thread counts are per thread (OpenMP and MKL keep them per thread), so 
 theirs once and the caller's threads keep theirs.
 
 Narrow linears: ``nn.Linear`` computes ``x @ W.T`` with BLAS, which for the few rows of a decode
-step (16 x 896 x 4,864, Qwen2.5-0.5B's MLP at batch 16) streams ~4-8 GB/s of weight on this
+step (16 x 896 x 4,864, Qwen2.5-0.5B's MLP at batch 16) streams ~4-8 GB/s of weight on an AVX2
 machine's two threads, little faster than on one. ``torch.ops.ivl.narrow_linear``
-(csrc/include/ivl/linear_cpu.h) streams each weight once as dot products of small tiles: 1.7-6.4x
-faster at 1-16 fp32 rows on two threads, 1.2-1.7x at 16 rows on one, 4-6x torch's bf16 linear
-(docs/engine.md). IVLModel routes its models' ``nn.Linear`` layers (route_linears: an
+(csrc/include/ivl/linear_cpu.h) streams each weight once as dot products of small tiles: there
+1.7-6.4x faster at 1-16 fp32 rows on two threads, 4-6x torch's bf16 linear. On AVX-512 / AMX
+CPUs torch's own kernels are faster, and the kernel takes fewer rows (NARROW_ROWS, per dtype;
+docs/engine.md). IVLModel routes its models' ``nn.Linear`` layers (route_linears: an
 instance-level forward, plain ``F.linear`` unless switched on) and ivl's forwards switch them on
 per thread (narrow_linears), so the cost is one flag check per linear, not a Python hook per
 torch op.
@@ -89,22 +90,33 @@ class ForwardPool:
         self._executor.shutdown(wait=True)
 
 
-# Rows up to which the narrow kernel beats BLAS: decode steps and short extends (measured at 1
-# to 64 rows; a prefill of thousands of rows is BLAS's home ground).
-NARROW_ROWS = 64
-
-# Weight dtypes the narrow path takes: ivl's kernel widens 16-bit weights in registers (torch's
-# CPU bf16 linear is ~2.7x slower than its fp32 one here); where it cannot run (no native build,
-# no AVX2 -- the same check as csrc/include/ivl/linear_cpu.h -- or IVL_CPU_SIMD=0) the op's BLAS
-# fallback would widen a 16-bit weight per call, so only fp32 is routed.
+# Where the narrow path runs: ivl's kernel needs the native build and AVX2 (the check of
+# csrc/include/ivl/linear_cpu.h; IVL_CPU_SIMD=0 turns it off). Without it the op's BLAS fallback
+# would widen a 16-bit weight per call, so only fp32 is routed then.
 _NARROW_KERNEL = (
     _native.AVAILABLE
     and os.environ.get("IVL_CPU_SIMD") != "0"
     and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 )
-_NARROW_DTYPES = (
-    (torch.float32, torch.bfloat16, torch.float16) if _NARROW_KERNEL else (torch.float32,)
-)
+
+
+def _row_limits() -> dict[torch.dtype, int]:
+    """Rows up to which the narrow path beats torch's F.linear, per weight dtype, on this CPU
+    (benchmarks/bench_linear.py; docs/engine.md "Narrow linears"). Decode steps and short
+    extends only: a prefill of many rows is BLAS's home ground."""
+    if not _NARROW_KERNEL:
+        return {torch.float32: 64}
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        # AVX2 (measured on AMD EPYC Zen 3): BLAS is slow on few rows (the kernel 1.7-6.4x at
+        # 1-16 rows, 1.1-2x at 64) and torch's bf16 linear runs ~20 GFLOP/s (the kernel 4-6x).
+        return dict.fromkeys((torch.float32, torch.bfloat16, torch.float16), 64)
+    # AVX-512 (measured on a Xeon with AMX): torch's fp32 BLAS catches up by 16 rows (the kernel
+    # 1.2-2x at 4-8) and its 16-bit linears use AMX / AVX-512 (the kernel wins at 1-4 fp16 rows,
+    # at one bf16 row only).
+    return {torch.float32: 8, torch.float16: 4, torch.bfloat16: 1}
+
+
+NARROW_ROWS = _row_limits()
 
 _switch = threading.local()  # .on: this thread's forwards route their linears (narrow_linears)
 
@@ -112,10 +124,11 @@ _switch = threading.local()  # .on: this thread's forwards route their linears (
 def _narrow_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward, through the narrow kernel when this thread asked for it."""
     weight, bias = self.weight, self.bias
-    if getattr(_switch, "on", False) and x.dtype == weight.dtype in _NARROW_DTYPES:
+    limit = NARROW_ROWS.get(x.dtype, 0) if getattr(_switch, "on", False) else 0
+    if limit and x.dtype == weight.dtype:
         rows = x.numel() // max(x.shape[-1], 1)
         if (
-            0 < rows <= NARROW_ROWS
+            0 < rows <= limit
             and x.device.type == "cpu"
             and (bias is None or bias.dtype == x.dtype)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
@@ -137,8 +150,8 @@ def route_linears(model: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def narrow_linears():
-    """Within it, this thread's routed linears (:func:`route_linears`) on at most NARROW_ROWS
-    rows of CPU input (fp32, bf16 or fp16) run ivl's narrow kernel (see the module docstring)."""
+    """Within it, this thread's routed linears (:func:`route_linears`) on at most
+    ``NARROW_ROWS[dtype]`` rows of CPU input run ivl's narrow kernel (see the module docstring)."""
     before = getattr(_switch, "on", False)
     _switch.on = True
     try:
