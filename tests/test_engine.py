@@ -38,18 +38,23 @@ def _tiny(arch: str, seed: int):
     return tiny_model(arch, "gpt2", seed=seed, **KW[arch])
 
 
-@pytest.fixture(scope="module")
-def pairs():
+def tiny_pairs(device: str = "cpu"):
+    """get(arch) -> (base, value, tokenizer): two tiny random models on ``device``, made once."""
     cache: dict = {}
 
     def get(arch: str):
         if arch not in cache:
             base, tok = _tiny(arch, 0)
             value, _ = _tiny(arch, 1)
-            cache[arch] = (base, value, tok)
+            cache[arch] = (base.to(device), value.to(device), tok)
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return tiny_pairs()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import PROMPTS, _tiny
+from test_engine import PROMPTS, tiny_pairs
 
 from ivl.engine import IVLEngine, IVLModel, SamplingParams
 from ivl.engine.naive import naive_generate
@@ -37,16 +37,7 @@ DEVICE = "cuda"
 
 @pytest.fixture(scope="module")
 def pairs():
-    cache: dict = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            base, tok = _tiny(arch, 0)
-            value, _ = _tiny(arch, 1)
-            cache[arch] = (base.to(DEVICE), value.to(DEVICE), tok)
-        return cache[arch]
-
-    return get
+    return tiny_pairs(DEVICE)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
