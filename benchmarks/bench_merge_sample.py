@@ -322,9 +322,7 @@ def bench_config(
             base, value, seed=seed, step=step, **kw, **params
         )
     for name, fn in gpu_providers().items():
-        kw_d = {
-            k: (tuple(t.cuda() for t in x) if isinstance(x, tuple) else x) for k, x in kw.items()
-        }
+        kw_d = cuda_kw(kw)
         bd, vd, sd, td = base.cuda(), value.cuda(), seed.cuda(), step.cuda()
 
         def run(fn=fn, bd=bd, vd=vd, sd=sd, td=td, kw_d=kw_d):
@@ -339,6 +337,11 @@ def bench_config(
         dtype=str(dtype)[6:], threads=torch.get_num_threads(),
     )  # fmt: skip
     return measure(providers, nbytes, bw, config, cache)
+
+
+def cuda_kw(kw: dict) -> dict:
+    """make_inputs' merge kwargs with the vocabulary map's tensors on the GPU."""
+    return {k: (tuple(t.cuda() for t in x) if isinstance(x, tuple) else x) for k, x in kw.items()}
 
 
 def op_args(base, value, kw: dict, params: dict, seed, step) -> tuple[tuple, list]:
@@ -365,7 +368,7 @@ def bench_config_gpu(b, v, dtype, data, mode, bws, base, value, kw, seed, step):
     to back (they sync with the host). Bandwidth and speed-ups come from device_ms.
     """
     params = MODES[mode]
-    kw = {k: (tuple(t.cuda() for t in x) if isinstance(x, tuple) else x) for k, x in kw.items()}
+    kw = cuda_kw(kw)
     base, value, seed, step = base.cuda(), value.cuda(), seed.cuda(), step.cuda()
     nbytes = base.numel() * base.element_size() + value.numel() * value.element_size()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size

@@ -20,7 +20,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks._common import append_csv
-from benchmarks.bench_merge_sample import MODES, make_inputs, op_args
+from benchmarks.bench_merge_sample import MODES, cuda_kw, make_inputs, op_args
 from ivl.ops import _native
 
 CONFIGS = [(64, 151936, mode) for mode in ("greedy", "temperature", "temp+remap", "top-k", "top-p")]
@@ -55,7 +55,7 @@ def main() -> None:
     rows = []
     for b, v, mode in [(64, 151936, "temp+remap")] if once else CONFIGS:
         base, value, kw, data = make_inputs(b, v, torch.bfloat16, mode, "llm")
-        kw = {k: (tuple(t.cuda() for t in x) if isinstance(x, tuple) else x) for k, x in kw.items()}
+        kw = cuda_kw(kw)
         base, value = base.cuda(), value.cuda()
         seed, step = torch.arange(b).cuda(), torch.full((b,), 7).cuda()
         margs, pargs = op_args(base, value, kw, MODES[mode], seed, step)
