@@ -323,6 +323,28 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
     assert "- e / broken: failed" in md and "- e2 / alone again" not in md
     assert (tmp_path / "res" / "tiny.png").stat().st_size > 1000
     assert (tmp_path / "res" / "tiny.csv").read_text().count("\n") == 6
+    # --resume: the finished configurations are taken from the record, the failed one is retried,
+    # and a configuration whose sizes changed is evaluated again
+    state = tmp_path / "res" / "tiny.evaluated.json"
+    assert len(json.loads(state.read_text())) == 3
+    kw = dict(out_dir=tmp_path / "res", runs_dir=tmp_path / "runs", progress=False, resume=True)
+    resumed = run_suite(str(f), accuracy_problems=2, nll_examples=2, **kw)
+    kept = "kept from an earlier run (resume)"
+    assert [r["note"] for r in resumed[:3]] == [kept] * 3
+    for r, r0 in zip(resumed[:3], rows[:3], strict=True):
+        assert (r["nll"], r["accuracy"], r["sample"], r["wall_s"]) == (
+            r0["nll"],
+            r0["accuracy"],
+            r0["sample"],
+            r0["wall_s"],
+        )
+    assert "failed" in resumed[3]["note"] and resumed[4]["note"] == "evaluated once, as e / alone"
+    assert kept in (tmp_path / "res" / "tiny.md").read_text()
+    fewer = run_suite(str(f), accuracy_problems=2, nll_examples=1, **kw)
+    assert fewer[0]["note"] == "" and fewer[0]["n_nll"] == 1 and fewer[0]["wall_s"] > 0
+    state.write_text("{not json")
+    with pytest.raises(ValueError, match="delete it"):
+        run_suite(str(f), accuracy_problems=2, nll_examples=2, **kw)
     sizes = {**load_suite(spec)["sizes"], "accuracy_problems": 0}
     write_suite_report(load_suite(spec), rows, tmp_path / "res0", sizes, {})
     assert (

@@ -102,6 +102,7 @@ def _eval(args: argparse.Namespace) -> int:
             runs_dir=args.runs,
             only=args.only,
             progress=not args.quiet,
+            resume=args.resume,
             accuracy_problems=args.limit,
             nll_examples=args.nll_examples,
             max_new_tokens=args.max_new_tokens,
@@ -190,6 +191,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--only", action="append", help="run only this experiment (repeatable)")
     s.add_argument("--out", default="docs/results", help="report folder (default docs/results)")
     s.add_argument("--runs", default="runs/suite", help="trained artefacts (default runs/suite)")
+    s.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the configurations an earlier run of this suite finished (OUT/NAME.evaluated.json)",
+    )
     s.add_argument("--nll-examples", type=int, default=None)
     s.add_argument("--train-steps", type=int, default=None)
     s.add_argument("--train-examples", type=int, default=None)

@@ -18,8 +18,11 @@ A suite is a dict (or a JSON file with the same structure); the built-in ``trans
 Trained folders live under ``runs_dir`` in folders named after their sizes, so a run with other
 sizes never reuses them, and a finished one is never retrained. Each configuration is evaluated
 (held-out NLL + greedy accuracy) and the report (CSV + Markdown + PNG) is rewritten after every
-configuration, so an interrupted suite keeps what it finished. A configuration that fails (e.g.
-a vocabulary map that is not available) is reported in the ``note`` column; the others go on.
+configuration, so an interrupted suite keeps what it finished; ``{name}.evaluated.json`` beside it
+records every finished configuration under a key of everything its numbers depend on (model
+folders, alpha, scheme, weights dtype, sizes, problem seed), and a run with ``resume=True``
+(``--resume``) takes those rows instead of evaluating them again. A configuration that fails (e.g. a vocabulary map
+that is not available) is reported in the ``note`` column; the others go on.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ivl._fs import atomic_write_text
 from ivl.eval import harness, report
 
 logger = logging.getLogger("ivl")
@@ -308,11 +312,13 @@ def run_suite(
     runs_dir: str | os.PathLike[str] = "runs/suite",
     only: list[str] | None = None,
     progress: bool = True,
+    resume: bool = False,
     **sizes,
 ) -> list[dict]:
     """Run a suite (see module docstring); ``sizes`` override the suite's ``sizes``.
 
-    Returns the result rows; writes ``{name}.csv/.md/.png`` under ``out_dir``.
+    Returns the result rows; writes ``{name}.csv/.md/.png`` and ``{name}.evaluated.json`` under
+    ``out_dir``. ``resume``: reuse the rows that file holds for configurations whose key matches.
     """
     from ivl.eval.finetune import FT_JSON, finetune
     from ivl.train import train_value
@@ -356,19 +362,41 @@ def run_suite(
     problems = harness.gsm_problems(max(n_acc, n_nll, 1), seed=suite["data"].get("seed", 0))
     rows: list[dict] = []
     evaluated: dict[str, dict] = {}  # a configuration that recurs (e.g. a base alone) runs once
+    state = Path(out_dir) / f"{suite['name']}.evaluated.json"
+    earlier = _read_evaluated(state) if resume else {}
     for exp in experiments:
         for c in exp["configs"]:
             rows.append(
-                _evaluate_config(suite, exp["name"], c, folders, problems, sz, progress, evaluated)
+                _evaluate_config(
+                    suite, exp["name"], c, folders, problems, sz, progress, evaluated, earlier
+                )
             )
             write_suite_report(suite, rows, out_dir, sz, folders)
+            atomic_write_text(state, json.dumps(evaluated, indent=1) + "\n")
     return rows
+
+
+def _read_evaluated(path: Path) -> dict[str, dict]:
+    """The finished configurations an earlier run recorded (none if it recorded nothing)."""
+    if not path.is_file():
+        logger.info("suite: nothing to resume (%s does not exist)", path)
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete it to evaluate everything") from e
+    if not isinstance(earlier, dict) or not all(isinstance(r, dict) for r in earlier.values()):
+        raise ValueError(f"{path} is not a suite's record of evaluated configurations")
+    logger.info("suite: %d finished configuration(s) recorded in %s", len(earlier), path)
+    return earlier
 
 
 _METRICS = ("n_nll", "nll", "ppl", "n_acc", "accuracy", "ci_low", "ci_high", "gen_tokens", "sample")
 
 
-def _evaluate_config(suite, experiment, c, folders, problems, sz, progress, evaluated) -> dict:
+def _evaluate_config(
+    suite, experiment, c, folders, problems, sz, progress, evaluated, earlier
+) -> dict:
     n_acc, n_nll = int(sz["accuracy_problems"]), int(sz["nll_examples"])
     value_ref = c.get("value")
     scheme = c.get("scheme")
@@ -393,9 +421,24 @@ def _evaluate_config(suite, experiment, c, folders, problems, sz, progress, eval
         "alpha": spec.effective_alpha(),
         "note": "",
     }
-    # Same model, alpha and sizes give the same numbers (greedy; batching never changes a
-    # request's tokens), so a configuration listed under several experiments is evaluated once.
-    key = repr((dataclasses.replace(spec, label=""), n_acc, n_nll, sz["max_new_tokens"]))
+    # Same model, alpha, sizes and problems give the same numbers (greedy; batching never changes
+    # a request's tokens), so a configuration listed under several experiments is evaluated once,
+    # and a resumed run takes the numbers an earlier run recorded under the same key.
+    key = repr(
+        (
+            dataclasses.replace(spec, label="", dtype=spec.dtype or harness.default_dtype()),
+            n_acc,
+            n_nll,
+            sz["max_new_tokens"],
+            suite["data"],
+        )
+    )
+    if key not in evaluated and key in earlier:
+        before = earlier[key]
+        row.update({k: before[k] for k in (*_METRICS, "wall_s") if k in before})
+        row["note"] = "kept from an earlier run (resume)"
+        evaluated[key] = {**row, "note": ""}
+        return row
     if key in evaluated:
         first = evaluated[key]
         row.update({k: first[k] for k in _METRICS if k in first})
