@@ -191,7 +191,7 @@ def idiomatic(base, value, *, alpha, vocab_map=None, fill=0.0, temperature, top_
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
-def timed(fn: Callable[[], object], first: float, device: str = "cpu") -> float:
+def timed(fn: Callable[[], object], first: float) -> float:
     """p50 seconds per call; `first` is the time of a call already made. Providers that take
     seconds per call get one more call (median of the two): the reference at B=128, V=262,144
     runs for tens of seconds."""
@@ -204,14 +204,11 @@ def timed(fn: Callable[[], object], first: float, device: str = "cpu") -> float:
         reps=7 if first > 0.05 else 20,
         warmup=1 if first > 0.05 else 3,
         min_time=0.3,
-        device=device,
     )
 
 
-def measure(
-    providers: dict, nbytes: int, bw: float, config: dict, cache: dict, device: str = "cpu"
-) -> list[dict]:
-    """Time every provider of one configuration; CSV rows with bandwidth and speed-ups.
+def measure(providers: dict, nbytes: int, bw: float, config: dict, cache: dict) -> list[dict]:
+    """Time every CPU provider of one configuration; CSV rows with bandwidth and speed-ups.
 
     The reference's time does not depend on the logit values (it sorts and transforms whole
     rows whatever they hold), so it is measured once per (B, V, dtype, mode) and reused for the
@@ -229,9 +226,7 @@ def measure(
             continue
         t0 = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times[name] = timed(fn, time.perf_counter() - t0, device)
+        times[name] = timed(fn, time.perf_counter() - t0)
         if name == "torch-reference":
             cache[ref_key] = times[name]
     ref_t, idi_t = times.get("torch-reference"), times.get("torch-idiomatic")
@@ -290,14 +285,12 @@ def bench_config(
     compile_skip: str,
     bw: float,
     cache,
-    device: str = "cpu",
 ) -> list[dict]:
-    """All providers on one configuration (torch-compile only if compile_skip is empty)."""
+    """All CPU providers on one configuration (torch-compile only if compile_skip is empty);
+    the GPU ones are bench_config_gpu's (--gpu)."""
     base, value, kw, data = make_inputs(b, v, dtype, mode, data)
     params = MODES[mode]
     seed, step = torch.arange(b), torch.full((b,), 7)
-    if device == "cuda":
-        return bench_config_gpu(b, v, dtype, data, mode, bw, base, value, kw, seed, step)
     providers: dict[str, Callable | str] = {
         "torch-reference": lambda: R.merge_sample(
             base, value, seed=seed, step=step, **kw, **params
@@ -321,16 +314,6 @@ def bench_config(
         providers["ivl-cpu"] = lambda: ivl.merge_sample(
             base, value, seed=seed, step=step, **kw, **params
         )
-    for name, fn in gpu_providers().items():
-        kw_d = cuda_kw(kw)
-        bd, vd, sd, td = base.cuda(), value.cuda(), seed.cuda(), step.cuda()
-
-        def run(fn=fn, bd=bd, vd=vd, sd=sd, td=td, kw_d=kw_d):
-            out = fn(bd, vd, seed=sd, step=td, **kw_d, **params)
-            torch.cuda.synchronize()
-            return out
-
-        providers[name] = run
     nbytes = base.numel() * base.element_size() + value.numel() * value.element_size()
     config = dict(
         op="merge_sample", data=data, mode=mode, B=b, V=v, V_value=value.shape[1],
@@ -357,7 +340,7 @@ def op_args(base, value, kw: dict, params: dict, seed, step) -> tuple[tuple, lis
     return margs, [p[k] for k in ("temperature", "top_k", "top_p", "min_p", "seed", "step")]
 
 
-def bench_config_gpu(b, v, dtype, data, mode, bws, base, value, kw, seed, step):
+def bench_config_gpu(b: int, v: int, dtype: torch.dtype, data: str, mode: str, bws: dict):
     """Every provider on CUDA tensors, timed two ways.
 
     p50_ms: one call through the provider's Python entry point (input validation included),
@@ -367,9 +350,11 @@ def bench_config_gpu(b, v, dtype, data, mode, bws, base, value, kw, seed, step):
     an engine holds them across steps) and replayed from a CUDA graph; the torch samplers back
     to back (they sync with the host). Bandwidth and speed-ups come from device_ms.
     """
+    base, value, kw, data = make_inputs(b, v, dtype, mode, data)
     params = MODES[mode]
     kw = cuda_kw(kw)
-    base, value, seed, step = base.cuda(), value.cuda(), seed.cuda(), step.cuda()
+    base, value = base.cuda(), value.cuda()
+    seed, step = torch.arange(b, device="cuda"), torch.full((b,), 7, device="cuda")
     nbytes = base.numel() * base.element_size() + value.numel() * value.element_size()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     n_sets = max(2, min(64, math.ceil(4 * l2 / nbytes)))
@@ -481,7 +466,11 @@ def main() -> None:
                             "(graph breaks on its data-dependent validation) and runs no faster "
                             f"than eager; measured at B, V = {HEADLINE} only"
                         )
-                    out = bench_config(b, v, dtype, data, mode, skip, bw, ref_cache, device)
+                    out = (
+                        bench_config_gpu(b, v, dtype, data, mode, bw)
+                        if args.gpu
+                        else bench_config(b, v, dtype, data, mode, skip, bw, ref_cache)
+                    )
                     if not args.no_csv:  # appended as they come: a long run keeps what it did
                         path = append_csv("merge_sample", out)
                     rows += out
