@@ -270,6 +270,7 @@ def test_finetune_lowers_training_loss_and_saves_a_base(tmp_path, method, defaul
 
 def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
     pytest.importorskip("reasoning_gym")
+    from ivl.eval.harness import default_dtype
     from ivl.eval.suite import load_suite, run_suite, write_suite_report
 
     base = str(save_tiny(tmp_path / "b", "llama", "smollm2", seed=1))
@@ -320,6 +321,10 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
     )
     # a fine-tune's own learning rate (it overrides the suite's) is the one reported
     assert re.search(r"`finetunes:ft`: steps 2, .*lr 0.0003, tokens seen [1-9].*method lora", md)
+    # the precision the machine's defaults resolved to is in the report
+    dt = default_dtype()
+    assert f"Models evaluated in {dt} (this machine's default)" in md
+    assert md.count(f"frozen weights in {dt}") == 2  # the value's base and the LoRA's
     assert "- e / broken: failed" in md and "- e2 / alone again" not in md
     assert (tmp_path / "res" / "tiny.png").stat().st_size > 1000
     assert (tmp_path / "res" / "tiny.csv").read_text().count("\n") == 6

@@ -498,7 +498,9 @@ def write_suite_report(suite: dict, rows: list[dict], out_dir, sz: dict, folders
     lines = [
         f"Sizes: {accuracy}, {nll}; training: {sz['train_steps']} "
         f"optimizer steps over {sz['train_examples']} {suite['data']['recipe']} demonstrations, "
-        f"seed {suite['data'].get('seed', 0)}; train settings {json.dumps(suite['train'])}.",
+        f"seed {suite['data'].get('seed', 0)}; train settings {json.dumps(suite['train'])}. "
+        f"Models evaluated in {harness.default_dtype()} (this machine's default) unless a "
+        "configuration sets its dtype.",
         "",
         "Trained artefacts:",
         "",
@@ -518,6 +520,12 @@ def write_suite_report(suite: dict, rows: list[dict], out_dir, sz: dict, folders
                     else ""
                 )
                 + (f", method {meta['method']}" if "method" in meta else "")
+                + (", bf16 autocast" if train.get("bf16") else "")
+                + (
+                    f", frozen weights in {train['base_dtype']}"
+                    if train.get("base_dtype") and meta.get("method") != "full"
+                    else ""
+                )
             )
     failed = [r for r in rows if r.get("note", "").startswith("failed")]
     if failed:
