@@ -186,6 +186,10 @@ def test_generate_eval_scores_engine_outputs(pair):
     assert [p.text for p in ev.predictions] == [r.text for r in ref]
     assert ev.n == 3 and ev.accuracy == pytest.approx(sum(r.text == first for r in ref) / 3)
     assert ev.ci_low <= ev.accuracy <= ev.ci_high
+    # answers that ran into the budget are counted (the engine's finish reason, per answer)
+    assert [p.finish_reason for p in ev.predictions] == [r.finish_reason for r in ref]
+    assert ev.cut_off == sum(len(r.token_ids) == 5 and r.finish_reason == "length" for r in ref)
+    assert ev.summary()["cut_off"] == ev.cut_off
     alone = generate_eval(m, items, alpha=0.0, max_new_tokens=5, progress=False)
     assert alone.alpha == 0.0
     with pytest.raises(ValueError, match="scores must be in"):
@@ -328,6 +332,13 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
     assert "- e / broken: failed" in md and "- e2 / alone again" not in md
     assert (tmp_path / "res" / "tiny.png").stat().st_size > 1000
     assert (tmp_path / "res" / "tiny.csv").read_text().count("\n") == 6
+    # every evaluated configuration's answers are kept, with why each one ended
+    answers = sorted((tmp_path / "res" / "tiny.answers").iterdir())
+    assert [a.name for a in answers] == ["e--+_value.jsonl", "e--alone.jsonl", "e--ft.jsonl"]
+    lines = [json.loads(x) for x in answers[1].read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["text"] == rows[0]["sample"]
+    assert rows[0]["cut_off"] == sum(x["finish_reason"] == "length" for x in lines)
+    assert all(x["finish_reason"] in ("stop", "length") for x in lines)
     # --resume: the finished configurations are taken from the record, the failed one is retried,
     # and a configuration whose sizes changed is evaluated again
     state = tmp_path / "res" / "tiny.evaluated.json"

@@ -273,6 +273,7 @@ class Prediction:
     score: float
     tokens: int
     error: str | None = None
+    finish_reason: str | None = None  # "stop", "length" (cut off at the budget) or "error"
 
 
 @dataclass
@@ -288,10 +289,15 @@ class GenEval:
     seconds: float
     predictions: list[Prediction] = field(default_factory=list)
 
+    @property
+    def cut_off(self) -> int:
+        """Answers that ran into max_new_tokens (scored as they stand)."""
+        return sum(p.finish_reason == "length" for p in self.predictions)
+
     def summary(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("predictions")
-        return d
+        return {**d, "cut_off": self.cut_off}
 
 
 def prompt_for(model, question: str):
@@ -347,7 +353,9 @@ def generate_eval(
             raise ValueError(
                 f"the scorer returned {s} for {r.text[:40]!r}; scores must be in [0, 1]"
             )
-        preds.append(Prediction(prompt, str(ref), r.text, s, len(r.token_ids), r.error))
+        preds.append(
+            Prediction(prompt, str(ref), r.text, s, len(r.token_ids), r.error, r.finish_reason)
+        )
     total = sum(p.score for p in preds)
     lo, hi = wilson_interval(total, len(preds))
     return GenEval(

@@ -28,6 +28,7 @@ COLUMNS = (
     "nll",
     "ppl",
     "gen_tokens",
+    "cut_off",
     "wall_s",
     "note",
 )
@@ -52,17 +53,25 @@ def write_csv(path, rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> P
 
 def markdown_table(rows: Sequence[dict]) -> str:
     """Accuracy (with 95% CI) and NLL per configuration."""
-    head = "| experiment | configuration | accuracy (95% CI) | N | NLL | ppl | N (NLL) | note |"
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| experiment | configuration | accuracy (95% CI) | N | mean answer (cut off) | NLL | ppl "
+        "| N (NLL) | note |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         acc = ""
         if r.get("accuracy") is not None and r.get("n_acc"):
             acc = f"{100 * r['accuracy']:.1f}% [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+        answer = ""
+        if r.get("gen_tokens") is not None and r.get("n_acc"):
+            answer = f"{r['gen_tokens'] / r['n_acc']:.0f} tokens"
+            if r.get("cut_off") is not None:
+                answer += f" ({r['cut_off']})"
         nll = f"{r['nll']:.4f}" if r.get("nll") is not None else ""
         ppl = f"{r['ppl']:.3f}" if r.get("ppl") is not None else ""
         lines.append(
             f"| {r.get('experiment', '')} | {r['config']} | {acc} | {r.get('n_acc') or ''} | "
-            f"{nll} | {ppl} | {r.get('n_nll') or ''} | {r.get('note') or ''} |"
+            f"{answer} | {nll} | {ppl} | {r.get('n_nll') or ''} | {r.get('note') or ''} |"
         )
     return "\n".join(lines) + "\n"
 

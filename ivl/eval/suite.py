@@ -21,7 +21,8 @@ sizes never reuses them, and a finished one is never retrained. Each configurati
 configuration, so an interrupted suite keeps what it finished; ``{name}.evaluated.json`` beside it
 records every finished configuration under a key of everything its numbers depend on (model
 folders, alpha, scheme, weights dtype, sizes, problem seed), and a run with ``resume=True``
-(``--resume``) takes those rows instead of evaluating them again. A configuration that fails (e.g. a vocabulary map
+(``--resume``) takes those rows instead of evaluating them again. Every configuration's answers
+(text, score, tokens, finish reason) go to ``{name}.answers/{experiment}--{label}.jsonl``. A configuration that fails (e.g. a vocabulary map
 that is not available) is reported in the ``note`` column; the others go on.
 """
 
@@ -32,6 +33,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -364,13 +366,11 @@ def run_suite(
     evaluated: dict[str, dict] = {}  # a configuration that recurs (e.g. a base alone) runs once
     state = Path(out_dir) / f"{suite['name']}.evaluated.json"
     earlier = _read_evaluated(state) if resume else {}
+    answers = Path(out_dir) / f"{suite['name']}.answers"
     for exp in experiments:
         for c in exp["configs"]:
-            rows.append(
-                _evaluate_config(
-                    suite, exp["name"], c, folders, problems, sz, progress, evaluated, earlier
-                )
-            )
+            args = (suite, exp["name"], c, folders, problems, sz, progress, evaluated, earlier)
+            rows.append(_evaluate_config(*args, answers=answers))
             write_suite_report(suite, rows, out_dir, sz, folders)
             atomic_write_text(state, json.dumps(evaluated, indent=1) + "\n")
     return rows
@@ -391,11 +391,22 @@ def _read_evaluated(path: Path) -> dict[str, dict]:
     return earlier
 
 
-_METRICS = ("n_nll", "nll", "ppl", "n_acc", "accuracy", "ci_low", "ci_high", "gen_tokens", "sample")
+_METRICS = (
+    "n_nll",
+    "nll",
+    "ppl",
+    "n_acc",
+    "accuracy",
+    "ci_low",
+    "ci_high",
+    "gen_tokens",
+    "cut_off",
+    "sample",
+)
 
 
 def _evaluate_config(
-    suite, experiment, c, folders, problems, sz, progress, evaluated, earlier
+    suite, experiment, c, folders, problems, sz, progress, evaluated, earlier, *, answers: Path
 ) -> dict:
     n_acc, n_nll = int(sz["accuracy_problems"]), int(sz["nll_examples"])
     value_ref = c.get("value")
@@ -468,8 +479,11 @@ def _evaluate_config(
                 ci_low=ev.ci_low,
                 ci_high=ev.ci_high,
                 gen_tokens=ev.generated_tokens,
+                cut_off=ev.cut_off,
             )
             row["sample"] = ev.predictions[0].text
+            slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{experiment}--{c['label']}")
+            harness.write_predictions(answers / f"{slug}.jsonl", ev)
         del model
     except (ValueError, TypeError, ImportError, NotImplementedError, OSError) as e:
         row["note"] = f"failed: {' '.join(str(e).split())[:200]}"
