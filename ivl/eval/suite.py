@@ -164,7 +164,7 @@ TRANSFER: dict[str, Any] = {
 # freshly initialised 2-layer network of SmolLM2's architecture (it starts near z_value = 0, so it
 # cannot hurt the base before it has learnt, and lr 1e-3 suits it); the init ablation replaces it
 # by the first 2 layers of the pretrained checkpoint (same size and cost). Same-family transfer to
-# Qwen-1.5B is left out: the 1.5B decodes ~2.7 tokens/s here.
+# Qwen-1.5B is SAME_FAMILY_CPU's.
 TRANSFER_CPU: dict[str, Any] = {
     "name": "transfer-cpu",
     "title": "Transferring a small value network (GSM-Symbolic, held-out templates, 2 CPU cores)",
@@ -193,9 +193,11 @@ TRANSFER_CPU: dict[str, Any] = {
 }
 
 # Experiment 1 (same family, bigger base) cut to what two CPU cores can run in about 90 minutes:
-# here the 1.5B runs ~35 tokens/s forward and ~14 tokens/s forward + backward in fp32, so every
-# network gets 20 steps (~16k tokens), NLL is measured on 48 held-out demonstrations and accuracy
-# is left out (200 problems x 4 configurations on the 1.5B would take ~10 hours of decoding).
+# on an AVX2 CPU the 1.5B runs ~35 tokens/s forward and ~14 tokens/s forward + backward in fp32,
+# so every network gets 20 steps (~16k tokens), NLL is measured on 48 held-out demonstrations and
+# accuracy is left out (200 problems x 4 configurations on the 1.5B would take ~10 hours of fp32
+# decoding there). On a CPU with AMX (bf16 weights, batch 32) the accuracy is affordable:
+# docs/results/same-family-cpu-accuracy/suite.json is this suite with 200 problems.
 # The value is TRANSFER_CPU's recipe on Qwen-0.5B. The fine-tunes' learning rates sit at the high
 # end of the usual ranges (LoRA 5e-4, full 5e-5) because 20 steps leave no room for a slow one.
 SAME_FAMILY_CPU: dict[str, Any] = {
