@@ -20,10 +20,11 @@ sizes never reuses them, and a finished one is never retrained. Each configurati
 (held-out NLL + greedy accuracy) and the report (CSV + Markdown + PNG) is rewritten after every
 configuration, so an interrupted suite keeps what it finished; ``{name}.evaluated.json`` beside it
 records every finished configuration under a key of everything its numbers depend on (model
-folders, alpha, scheme, weights dtype, sizes, problem seed), and a run with ``resume=True``
-(``--resume``) takes those rows instead of evaluating them again. Every configuration's answers
-(text, score, tokens, finish reason) go to ``{name}.answers/{experiment}--{label}.jsonl``. A configuration that fails (e.g. a vocabulary map
-that is not available) is reported in the ``note`` column; the others go on.
+folders, alpha, scheme, vocabulary map, weights dtype, sizes, problem seed), and a run with
+``resume=True`` (``--resume``) takes those rows instead of evaluating them again. Every
+configuration's answers (text, score, tokens, finish reason) go to
+``{name}.answers/{experiment}--{label}.jsonl``. A configuration that fails (e.g. a vocabulary
+map that is not available) is reported in the ``note`` column; the others go on.
 """
 
 from __future__ import annotations
