@@ -284,7 +284,7 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
         "sizes": {"train_steps": 2, "train_examples": 8, "max_new_tokens": 3},
         "train": {"batch_size": 2, "grad_accum": 1, "max_length": 400, "lr": 1e-3},
         "values": {"v": {"base": base, "value_init": "first-1-layers"}},
-        "finetunes": {"ft": {"base": other, "method": "lora", "lr": 3e-4}},
+        "finetunes": {"ft": {"base": other, "method": "lora", "lr": 3e-4, "train_steps": 1}},
         "experiments": [
             {
                 "name": "e",
@@ -323,8 +323,10 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
     assert re.search(
         r"`values:v`: steps 2, global batch 2, examples 8, lr 0.001, tokens seen [1-9]", md
     )
-    # a fine-tune's own learning rate (it overrides the suite's) is the one reported
-    assert re.search(r"`finetunes:ft`: steps 2, .*lr 0.0003, tokens seen [1-9].*method lora", md)
+    # a fine-tune's own learning rate and step count (they override the suite's) are the ones
+    # trained, named in its folder and reported
+    assert re.search(r"`finetunes:ft`: steps 1, .*lr 0.0003, tokens seen [1-9].*method lora", md)
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ft-ft-s1-n8", "value-v-s2-n8"]
     # the precision the machine's defaults resolved to is in the report
     dt = default_dtype()
     assert f"Models evaluated in {dt} (this machine's default)" in md
@@ -373,6 +375,8 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
                 "experiments": [{"name": "x", "configs": [{"label": "a", "base": "values:zz"}]}],
             }
         )
+    with pytest.raises(ValueError, match="values:v: train_steps must be a positive integer"):
+        load_suite({**spec, "values": {"v": {"base": base, "value_init": "x", "train_steps": 0}}})
     with pytest.raises(ValueError, match="unknown suite"):
         load_suite("nope")
     with pytest.raises(ValueError, match="no experiment"):

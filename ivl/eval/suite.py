@@ -10,7 +10,9 @@ A suite is a dict (or a JSON file with the same structure); the built-in ``trans
 - ``train``: :class:`~ivl.train.TrainConfig` fields shared by every value network and every
   fine-tune (so they get the same data, order and token budget);
 - ``values``: ``name -> {"base", "value_init", and TrainConfig overrides (scheme, lam, masked)}``;
-- ``finetunes``: ``name -> {"base", "method": "full"|"lora"|"auto"}``;
+- ``finetunes``: ``name -> {"base", "method": "full"|"lora"|"auto"}``; an entry of either may set
+  its own ``train_steps`` (it wins over the suite's and the command line's, e.g. a longer-trained
+  twin of a network beside it);
 - ``experiments``: ``[{"name", "configs": [{"label", "base", "value", "alpha", "scheme",
   "anti_expert", "vocab_map"}]}]``; ``"values:NAME"`` / ``"finetunes:NAME"`` refer to the
   trained folders (a value's scheme comes from its training unless the config sets one).
@@ -258,6 +260,11 @@ def load_suite(spec: str | os.PathLike[str] | dict) -> dict:
     suite.setdefault("train", {})
     suite.setdefault("values", {})
     suite.setdefault("finetunes", {})
+    for kind in ("values", "finetunes"):
+        for name, entry in suite[kind].items():
+            steps = entry.get("train_steps", 1)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+                raise ValueError(f"{kind}:{name}: train_steps must be a positive integer")
     for exp in suite["experiments"]:
         for c in exp.get("configs", []):
             if "label" not in c or "base" not in c:
@@ -341,25 +348,26 @@ def run_suite(
             raise ValueError(f"no experiment(s) {sorted(missing)}; the suite has {sorted(names)}")
         experiments = [e for e in experiments if e["name"] in only]
     runs = Path(runs_dir)
-    tag = f"s{sz['train_steps']}-n{sz['train_examples']}"
     need_values, need_fts = _needed(suite, experiments)
     folders: dict[str, str] = {}
     for name in sorted(need_values):
         v = dict(suite["values"][name])
-        out = runs / f"value-{name}-{tag}"
+        own = {**sz, "train_steps": v.pop("train_steps", sz["train_steps"])}
+        out = runs / f"value-{name}-s{own['train_steps']}-n{own['train_examples']}"
         if not (out / "ivl.json").is_file():
             logger.info("suite: training value %s -> %s", name, out)
             base, init = v.pop("base"), v.pop("value_init")
-            train_value(base, init, suite["data"]["recipe"], _train_config(suite, sz, out, **v))
+            train_value(base, init, suite["data"]["recipe"], _train_config(suite, own, out, **v))
         folders[f"values:{name}"] = str(out)
     for name in sorted(need_fts):
         f = dict(suite["finetunes"][name])
-        out = runs / f"ft-{name}-{tag}"
+        own = {**sz, "train_steps": f.pop("train_steps", sz["train_steps"])}
+        out = runs / f"ft-{name}-s{own['train_steps']}-n{own['train_examples']}"
         if not (out / FT_JSON).is_file():
             logger.info("suite: fine-tuning %s -> %s", name, out)
             base, method = f.pop("base"), f.pop("method", "auto")
             finetune(
-                base, suite["data"]["recipe"], _train_config(suite, sz, out, **f), method=method
+                base, suite["data"]["recipe"], _train_config(suite, own, out, **f), method=method
             )
         folders[f"finetunes:{name}"] = str(out)
 
