@@ -200,7 +200,8 @@ TRANSFER_CPU: dict[str, Any] = {
 # so every network gets 20 steps (~16k tokens), NLL is measured on 48 held-out demonstrations and
 # accuracy is left out (200 problems x 4 configurations on the 1.5B would take ~10 hours of fp32
 # decoding there). On a CPU with AMX (bf16 weights, batch 32) the accuracy is affordable:
-# docs/results/same-family-cpu-accuracy/suite.json is this suite with 200 problems.
+# docs/results/same-family-cpu-accuracy/suite.json is this suite with 200 problems, plus alpha
+# 0.5, a 100-step value and a pretrained-init value on both bases.
 # The value is TRANSFER_CPU's recipe on Qwen-0.5B. The fine-tunes' learning rates sit at the high
 # end of the usual ranges (LoRA 5e-4, full 5e-5) because 20 steps leave no room for a slow one.
 SAME_FAMILY_CPU: dict[str, Any] = {
