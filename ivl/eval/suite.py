@@ -263,8 +263,8 @@ def load_suite(spec: str | os.PathLike[str] | dict) -> dict:
     suite.setdefault("finetunes", {})
     for kind in ("values", "finetunes"):
         for name, entry in suite[kind].items():
-            steps = entry.get("train_steps", 1)
-            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            steps = entry.get("train_steps")
+            if "train_steps" in entry and (type(steps) is not int or steps < 1):
                 raise ValueError(f"{kind}:{name}: train_steps must be a positive integer")
     for exp in suite["experiments"]:
         for c in exp.get("configs", []):
@@ -353,8 +353,7 @@ def run_suite(
     folders: dict[str, str] = {}
     for name in sorted(need_values):
         v = dict(suite["values"][name])
-        own = {**sz, "train_steps": v.pop("train_steps", sz["train_steps"])}
-        out = runs / f"value-{name}-s{own['train_steps']}-n{own['train_examples']}"
+        own, out = _own_sizes(v, sz, runs / f"value-{name}")
         if not (out / "ivl.json").is_file():
             logger.info("suite: training value %s -> %s", name, out)
             base, init = v.pop("base"), v.pop("value_init")
@@ -362,8 +361,7 @@ def run_suite(
         folders[f"values:{name}"] = str(out)
     for name in sorted(need_fts):
         f = dict(suite["finetunes"][name])
-        own = {**sz, "train_steps": f.pop("train_steps", sz["train_steps"])}
-        out = runs / f"ft-{name}-s{own['train_steps']}-n{own['train_examples']}"
+        own, out = _own_sizes(f, sz, runs / f"ft-{name}")
         if not (out / FT_JSON).is_file():
             logger.info("suite: fine-tuning %s -> %s", name, out)
             base, method = f.pop("base"), f.pop("method", "auto")
@@ -386,6 +384,13 @@ def run_suite(
             write_suite_report(suite, rows, out_dir, sz, folders)
             atomic_write_text(state, json.dumps(evaluated, indent=1) + "\n")
     return rows
+
+
+def _own_sizes(entry: dict, sz: dict, prefix: Path) -> tuple[dict, Path]:
+    """A network's sizes (its own ``train_steps``, popped from ``entry``, win) and its folder,
+    named after them so that other sizes never reuse it."""
+    own = {**sz, "train_steps": entry.pop("train_steps", sz["train_steps"])}
+    return own, Path(f"{prefix}-s{own['train_steps']}-n{own['train_examples']}")
 
 
 def _read_evaluated(path: Path) -> dict[str, dict]:
