@@ -284,7 +284,9 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
         "sizes": {"train_steps": 2, "train_examples": 8, "max_new_tokens": 3},
         "train": {"batch_size": 2, "grad_accum": 1, "max_length": 400, "lr": 1e-3},
         "values": {"v": {"base": base, "value_init": "first-1-layers"}},
-        "finetunes": {"ft": {"base": other, "method": "lora", "lr": 3e-4, "train_steps": 1}},
+        "finetunes": {
+            "ft": {"base": other, "method": "lora", "lr": 3e-4, "train_steps": 1, "seed": 3}
+        },
         "experiments": [
             {
                 "name": "e",
@@ -321,11 +323,13 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
     md = (tmp_path / "res" / "tiny.md").read_text()
     assert "| e | + value |" in md and "Failed configurations" in md
     assert re.search(
-        r"`values:v`: steps 2, global batch 2, examples 8, lr 0.001, tokens seen [1-9]", md
+        r"`values:v`: steps 2, global batch 2, examples 8, lr 0.001, seed 0, tokens seen [1-9]", md
     )
-    # a fine-tune's own learning rate and step count (they override the suite's) are the ones
-    # trained, named in its folder and reported
-    assert re.search(r"`finetunes:ft`: steps 1, .*lr 0.0003, tokens seen [1-9].*method lora", md)
+    # a fine-tune's own learning rate, seed and step count (they override the suite's) are the
+    # ones trained, named in its folder and reported
+    assert re.search(
+        r"`finetunes:ft`: steps 1, .*lr 0.0003, seed 3, tokens seen [1-9].*method lora", md
+    )
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ft-ft-s1-n8", "value-v-s2-n8"]
     # the precision the machine's defaults resolved to is in the report
     dt = default_dtype()
@@ -358,6 +362,12 @@ def test_suite_trains_evaluates_and_writes_the_report(tmp_path):
         )
     assert "failed" in resumed[3]["note"] and resumed[4]["note"] == "evaluated once, as e / alone"
     assert kept in (tmp_path / "res" / "tiny.md").read_text()
+    # a run that reaches only some configurations (here --only e2; likewise one that stops
+    # early) keeps the others' records for the next resume
+    run_suite(str(f), accuracy_problems=2, nll_examples=2, only=["e2"], **kw)
+    assert len(json.loads(state.read_text())) == 3
+    again = run_suite(str(f), accuracy_problems=2, nll_examples=2, **kw)
+    assert [r["note"] for r in again[:3]] == [kept] * 3
     fewer = run_suite(str(f), accuracy_problems=2, nll_examples=1, **kw)
     assert fewer[0]["note"] == "" and fewer[0]["n_nll"] == 1 and fewer[0]["wall_s"] > 0
     state.write_text("{not json")

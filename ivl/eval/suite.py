@@ -382,7 +382,9 @@ def run_suite(
             args = (suite, exp["name"], c, folders, problems, sz, progress, evaluated, earlier)
             rows.append(_evaluate_config(*args, answers=answers))
             write_suite_report(suite, rows, out_dir, sz, folders)
-            atomic_write_text(state, json.dumps(evaluated, indent=1) + "\n")
+            # the earlier records stay until this run re-reaches them: a run that stops early (or
+            # runs --only some experiments) never loses finished work from the record
+            atomic_write_text(state, json.dumps({**earlier, **evaluated}, indent=1) + "\n")
     return rows
 
 
@@ -529,7 +531,7 @@ def write_suite_report(suite: dict, rows: list[dict], out_dir, sz: dict, folders
     lines = [
         f"Sizes: {accuracy}, {nll}; training: {sz['train_steps']} "
         f"optimizer steps over {sz['train_examples']} {suite['data']['recipe']} demonstrations, "
-        f"seed {suite['data'].get('seed', 0)}; train settings {json.dumps(suite['train'])}. "
+        f"data seed {suite['data'].get('seed', 0)}; train settings {json.dumps(suite['train'])}. "
         f"Models evaluated in {harness.default_dtype()} (this machine's default) unless a "
         "configuration sets its dtype.",
         "",
@@ -544,7 +546,8 @@ def write_suite_report(suite: dict, rows: list[dict], out_dir, sz: dict, folders
             lines.append(
                 f"- `{ref}`: steps {train.get('steps', meta.get('steps'))}, global batch "
                 f"{train.get('global_batch', meta.get('global_batch'))}, examples "
-                f"{meta.get('data', {}).get('examples')}, lr {train.get('lr')}"
+                f"{meta.get('data', {}).get('examples')}, lr {train.get('lr')}, seed "
+                f"{train.get('seed')}"
                 + (
                     f", tokens seen {meta['tokens_seen']}, {meta['wall_s']} s"
                     if "tokens_seen" in meta
