@@ -10,9 +10,10 @@ A suite is a dict (or a JSON file with the same structure); the built-in ``trans
 - ``train``: :class:`~ivl.train.TrainConfig` fields shared by every value network and every
   fine-tune (so they get the same data, order and token budget);
 - ``values``: ``name -> {"base", "value_init", and TrainConfig overrides (scheme, lam, masked)}``;
-- ``finetunes``: ``name -> {"base", "method": "full"|"lora"|"auto"}``; an entry of either may set
-  its own ``train_steps`` (it wins over the suite's and the command line's, e.g. a longer-trained
-  twin of a network beside it);
+- ``finetunes``: ``name -> {"base", "method": "full"|"lora"|"auto"}``; an entry of either may
+  override the suite's ``train`` fields (e.g. ``lr``, or ``seed`` for a second training run) and
+  set its own ``train_steps`` (it wins over the suite's and the command line's, e.g. a
+  longer-trained twin of a network beside it);
 - ``experiments``: ``[{"name", "configs": [{"label", "base", "value", "alpha", "scheme",
   "anti_expert", "vocab_map"}]}]``; ``"values:NAME"`` / ``"finetunes:NAME"`` refer to the
   trained folders (a value's scheme comes from its training unless the config sets one).
@@ -23,7 +24,8 @@ sizes never reuses them, and a finished one is never retrained. Each configurati
 configuration, so an interrupted suite keeps what it finished; ``{name}.evaluated.json`` beside it
 records every finished configuration under a key of everything its numbers depend on (model
 folders, alpha, scheme, vocabulary map, weights dtype, sizes, problem seed), and a run with
-``resume=True`` (``--resume``) takes those rows instead of evaluating them again. Every
+``resume=True`` (``--resume``) takes those rows instead of evaluating them again (and keeps the
+records it has not reached, so stopping again loses none). Every
 configuration's answers (text, score, tokens, finish reason) go to
 ``{name}.answers/{experiment}--{label}.jsonl``. A configuration that fails (e.g. a vocabulary
 map that is not available) is reported in the ``note`` column; the others go on.
@@ -201,7 +203,8 @@ TRANSFER_CPU: dict[str, Any] = {
 # accuracy is left out (200 problems x 4 configurations on the 1.5B would take ~10 hours of fp32
 # decoding there). On a CPU with AMX (bf16 weights, batch 32) the accuracy is affordable:
 # docs/results/same-family-cpu-accuracy/suite.json is this suite with 200 problems, plus alpha
-# 0.5, a 100-step value and a pretrained-init value on both bases.
+# 0.5, a 100-step value and a pretrained-init value on both bases, and a second training seed
+# of the pretrained-init value and of the LoRA.
 # The value is TRANSFER_CPU's recipe on Qwen-0.5B. The fine-tunes' learning rates sit at the high
 # end of the usual ranges (LoRA 5e-4, full 5e-5) because 20 steps leave no room for a slow one.
 SAME_FAMILY_CPU: dict[str, Any] = {
